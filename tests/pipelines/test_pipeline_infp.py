@@ -1,0 +1,174 @@
+"""INFPPipeline end to end with tiny random components on a real portrait crop."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pipeline_infp import INFPPipeline, build_pipeline
+from pipeline_infp.processing import (
+    SAMPLE_RATE,
+    AudioLoadError,
+    AudioTooLongError,
+    FaceProcessor,
+    NoFaceDetectedError,
+    SilentAudioError,
+)
+from tests.utils import randomize
+
+IMAGE_SIZE = 64
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def face(shared_data):
+    with FaceProcessor() as processor:
+        return processor.crop_portrait(shared_data / "portraits" / "liveportrait-source-s1.jpg", size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = build_pipeline("tiny", seed=0)
+    for name in ("motion_guider", "motion_transformer", "flow_estimator"):
+        randomize(getattr(pipe, name), seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def speech(seconds: float, seed: int = 0, start: float = 0.0) -> np.ndarray:
+    """A voiced, speech-like signal (harmonics with a syllable-rate envelope) of the given length."""
+    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    rng = np.random.default_rng(seed)
+    voice = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / (i + 1) for i, f in enumerate((140, 280, 420, 700)))
+    envelope = (np.sin(2 * np.pi * 4 * t) > 0) * (t >= start)
+    return (0.2 * voice * envelope).astype(np.float32)
+
+
+def run(pipe, face, own, other=None, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("output_type", "np")
+    return pipe(face, own, other, generator=torch.Generator().manual_seed(seed), image_size=IMAGE_SIZE, **kwargs)
+
+
+def window(pipe) -> int:
+    return pipe.motion_transformer.config.window_size
+
+
+def test_frame_count_is_exact_for_odd_lengths(pipe, face):
+    out = run(pipe, face, speech(1.37))  # 34.25 frames → 34, spread over three tiny windows
+    assert out.frames.shape == (34, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert out.frames.dtype == np.float32 and 0 <= out.frames.min() and out.frames.max() <= 1
+    assert out.motion_latents.shape == (34, pipe.motion_transformer.config.latent_dim)
+    assert out.fps == 25.0
+    assert out.audio.shape == (34 * SAMPLE_RATE // 25,)
+
+
+def test_same_seed_same_video_other_seed_other_motion(pipe, face):
+    a, b = run(pipe, face, speech(0.6)), run(pipe, face, speech(0.6))
+    c = run(pipe, face, speech(0.6), seed=1)
+    assert np.array_equal(a.frames, b.frames)
+    assert not torch.allclose(a.motion_latents, c.motion_latents)
+
+
+def test_output_types(pipe, face):
+    own = speech(0.5)
+    pil = run(pipe, face, own, output_type="pil")
+    pt = run(pipe, face, own, output_type="pt")
+    latent = run(pipe, face, own, output_type="latent")
+    assert len(pil.frames) == 12 and isinstance(pil.frames[0], PIL.Image.Image)
+    assert pil.frames[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert pt.frames.shape == (12, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert latent.frames is None and torch.allclose(latent.motion_latents, pt.motion_latents)
+    frames, motion, fps, audio = pipe(
+        face, own, num_inference_steps=1, image_size=IMAGE_SIZE, output_type="latent", return_dict=False
+    )
+    assert frames is None and motion.shape[0] == 12 and fps == 25.0
+    with pytest.raises(ValueError, match="output_type"):
+        run(pipe, face, own, output_type="gif")
+
+
+def branch_batch_sizes(pipe, face, **kwargs) -> set[int]:
+    sizes = set()
+    hook = pipe.motion_transformer.register_forward_hook(lambda module, args, out: sizes.add(args[0].shape[0]))
+    try:
+        run(pipe, face, speech(0.4), output_type="latent", **kwargs)
+    finally:
+        hook.remove()
+    return sizes
+
+
+def test_guidance_branches_are_batched_and_change_the_motion(pipe, face):
+    assert branch_batch_sizes(pipe, face, guidance_scale=1.0) == {1}
+    assert branch_batch_sizes(pipe, face, guidance_scale=2.5) == {2}
+    style = torch.randn(pipe.motion_guider.config.style_dim)
+    assert branch_batch_sizes(pipe, face, guidance_scale=2.5, style=style) == {3}
+    plain = run(pipe, face, speech(0.4), guidance_scale=1.0, output_type="latent")
+    guided = run(pipe, face, speech(0.4), guidance_scale=2.5, output_type="latent")
+    assert not torch.allclose(plain.motion_latents, guided.motion_latents)
+
+
+def test_previous_window_conditions_the_next(pipe, face):
+    size = window(pipe)
+    last_step_of_first_window = STEPS - 1
+
+    def shift_first_window(pipeline, step, timestep, tensors):
+        if step == last_step_of_first_window:
+            return {"latents": tensors["latents"] + 1.0}
+        return tensors
+
+    own = speech(2 * size / 25)
+    plain = run(pipe, face, own, output_type="latent")
+    shifted = run(pipe, face, own, output_type="latent", callback_on_step_end=shift_first_window)
+    first, second = slice(0, size), slice(size, 2 * size)
+    # Same noise for the second window in both runs, so only the temporal condition can change it.
+    assert not torch.allclose(plain.motion_latents[first], shifted.motion_latents[first])
+    assert (plain.motion_latents[second] - shifted.motion_latents[second]).abs().mean() > 1e-4
+
+
+def test_style_changes_the_motion(pipe, face):
+    guider = pipe.motion_guider
+    own = speech(0.4)
+    plain = run(pipe, face, own, output_type="latent")
+    styled = run(pipe, face, own, style=torch.randn(guider.config.style_dim), output_type="latent")
+    from_clip = run(pipe, face, own, style=torch.randn(30, guider.config.latent_dim), output_type="latent")
+    assert not torch.allclose(plain.motion_latents, styled.motion_latents)
+    assert not torch.allclose(plain.motion_latents, from_clip.motion_latents)
+    neutral = run(pipe, face, own, style="neutral", style_guidance_scale=0.0, output_type="latent")
+    assert torch.allclose(plain.motion_latents, neutral.motion_latents, atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown style preset"):
+        run(pipe, face, own, style="ecstatic")
+    with pytest.raises(ValueError, match="style vector must have"):
+        run(pipe, face, own, style=torch.zeros(3))
+
+
+def test_partner_track_changes_the_motion_and_missing_means_silence(pipe, face):
+    own = speech(0.8)
+    alone = run(pipe, face, own, output_type="latent")
+    silent_partner = run(pipe, face, own, np.zeros_like(own), output_type="latent")
+    talking_partner = run(pipe, face, own, speech(0.8, seed=3), output_type="latent")
+    assert torch.allclose(alone.motion_latents, silent_partner.motion_latents)
+    assert not torch.allclose(alone.motion_latents, talking_partner.motion_latents)
+
+
+def test_listening_only_works_and_tracks_of_different_lengths_are_padded(pipe, face):
+    out = run(pipe, face, np.zeros(SAMPLE_RATE // 2, np.float32), speech(1.0), output_type="latent")
+    assert out.motion_latents.shape[0] == 25
+    out = run(pipe, face, speech(1.0), speech(0.3), output_type="latent")
+    assert out.motion_latents.shape[0] == 25
+
+
+def test_bad_inputs_raise_clear_errors(pipe, face):
+    with pytest.raises(SilentAudioError, match="Both audio tracks are silent"):
+        run(pipe, face, np.zeros(SAMPLE_RATE, np.float32))
+    with pytest.raises(AudioTooLongError, match="limit"):
+        run(pipe, face, speech(2.0), max_duration=1.0)
+    with pytest.raises(AudioLoadError):
+        run(pipe, face, np.zeros(0, np.float32))
+    with pytest.raises(NoFaceDetectedError, match="No face"):
+        pipe(np.full((256, 256, 3), 127, np.uint8), speech(0.4), num_inference_steps=1)
+
+
+def test_paste_back_returns_the_full_portrait(pipe, face):
+    out = run(pipe, face, speech(0.2), paste_back=True)
+    height, width = face.original.shape[:2]
+    assert out.frames.shape == (5, height, width, 3)
