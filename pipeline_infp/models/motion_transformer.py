@@ -4,7 +4,9 @@ It denoises one window of motion latents at a time. Each block runs
   self-attention over the window → motion attention (queries: the noisy latents; keys/values: the
   interactive motion features f_m) → temporal attention over the previous window's last frames
   followed by this window → feed-forward,
-with every sub-layer conditioned on the diffusion timestep by adaLN-Zero. Temporal attention is what
+with every sub-layer conditioned on the diffusion timestep by adaLN-Zero. As in PixArt-α's adaLN-single,
+one timestep projection is shared by all blocks and each block adds its own learned table, which
+keeps the model small enough to ship (the per-block projections would be most of its weights). Temporal attention is what
 keeps consecutive windows continuous: its keys include the clean latents of the previous window's
 last `num_prev_frames` frames. For classifier-free guidance, f_m and the previous latents can be
 dropped per sample; dropped inputs are replaced by learned null embeddings.
@@ -47,19 +49,18 @@ class MotionTransformerBlock(nn.Module):
         self.temporal_attn = Attention(dim, heads=num_heads, dim_head=head_dim, bias=True)
         self.norm_ff = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, mult=ff_mult, activation_fn="gelu-approximate")
-        # shift, scale, gate for self-attention, temporal attention and feed-forward; zero = identity block.
-        self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
-        nn.init.zeros_(self.ada_ln[1].weight)
-        nn.init.zeros_(self.ada_ln[1].bias)
+        # This block's offsets to the shared timestep modulation: shift, scale and gate for self-attention,
+        # temporal attention and feed-forward. Zero gates make the block start as the identity (adaLN-Zero).
+        self.modulation_table = nn.Parameter(torch.zeros(9, dim))
 
     def forward(
-        self, hidden: torch.Tensor, motion: torch.Tensor, prev: torch.Tensor, temb: torch.Tensor
+        self, hidden: torch.Tensor, motion: torch.Tensor, prev: torch.Tensor, timestep_modulation: torch.Tensor
     ) -> torch.Tensor:
         (
             shift_self, scale_self, gate_self,
             shift_temp, scale_temp, gate_temp,
             shift_ff, scale_ff, gate_ff,
-        ) = self.ada_ln(temb).chunk(9, dim=-1)  # fmt: skip
+        ) = (timestep_modulation + self.modulation_table).unbind(dim=1)  # fmt: skip
 
         hidden = hidden + gate_self.unsqueeze(1) * self.self_attn(modulate(self.norm_self(hidden), shift_self, scale_self))
         hidden = hidden + self.motion_attn(self.norm_motion(hidden), encoder_hidden_states=motion)
@@ -76,7 +77,7 @@ class MotionTransformer(ModelMixin, ConfigMixin):
         self,
         latent_dim: int = 64,
         motion_feature_dim: int = 512,
-        hidden_dim: int = 512,
+        hidden_dim: int = 256,
         num_layers: int = 4,
         num_heads: int = 8,
         window_size: int = 50,
@@ -94,11 +95,12 @@ class MotionTransformer(ModelMixin, ConfigMixin):
         self.null_prev = nn.Parameter(torch.randn(num_prev_frames, hidden_dim) * 0.02)
         self.time_proj = Timesteps(timestep_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(timestep_channels, hidden_dim)
+        self.timestep_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 9 * hidden_dim))
         self.blocks = nn.ModuleList(MotionTransformerBlock(hidden_dim, num_heads, ff_mult) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.ada_ln_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
         self.proj_out = nn.Linear(hidden_dim, latent_dim)
-        for layer in (self.ada_ln_out[1], self.proj_out):
+        for layer in (self.timestep_modulation[1], self.ada_ln_out[1], self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.register_buffer("latent_mean", torch.zeros(latent_dim))
@@ -151,8 +153,9 @@ class MotionTransformer(ModelMixin, ConfigMixin):
         prev = prev + self.pos_embed[:num_prev]
 
         hidden = self.latent_in(sample) + self.pos_embed[num_prev : num_prev + length]
+        timestep_modulation = self.timestep_modulation(temb).view(batch, 9, -1)
         for block in self.blocks:
-            hidden = block(hidden, motion, prev, temb)
+            hidden = block(hidden, motion, prev, timestep_modulation)
         shift, scale = self.ada_ln_out(temb).chunk(2, dim=-1)
         out = self.proj_out(modulate(self.norm_out(hidden), shift, scale))
         if not return_dict:
@@ -161,7 +164,7 @@ class MotionTransformer(ModelMixin, ConfigMixin):
 
 
 def base_config() -> dict:
-    return dict(latent_dim=64, motion_feature_dim=512, hidden_dim=512, num_layers=4, num_heads=8, window_size=50)
+    return dict(latent_dim=64, motion_feature_dim=512, hidden_dim=256, num_layers=4, num_heads=8, window_size=50)
 
 
 def tiny_config() -> dict:
