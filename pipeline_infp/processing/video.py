@@ -1,0 +1,114 @@
+"""Reading reference clips and writing results as H.264/AAC mp4."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .audio import SAMPLE_RATE, _ffmpeg_decode, load_audio
+from .errors import VideoLoadError
+
+logger = logging.getLogger(__name__)
+
+FramesInput = Union[Sequence[Image.Image], Sequence[np.ndarray], np.ndarray]
+
+
+def _frames_to_uint8(frames: FramesInput) -> np.ndarray:
+    if len(frames) and isinstance(frames[0], Image.Image):
+        frames = [np.asarray(f.convert("RGB")) for f in frames]
+    arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
+        raise ValueError(f"Expected frames shaped [T, H, W, 3] with T > 0, got {arr.shape}.")
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return arr.astype(np.uint8, copy=False)
+
+
+def write_video(path: str | Path, frames: FramesInput, fps: float, audio: np.ndarray | None = None,
+                sample_rate: int = SAMPLE_RATE) -> str:
+    """Write an H.264 (yuv420p) mp4, with `audio` (mono or [N, C]) as AAC trimmed or zero-padded
+    to the video's duration. Returns the path as a string."""
+    from moviepy import VideoClip
+    from moviepy.audio.AudioClip import AudioArrayClip
+
+    arr = _frames_to_uint8(frames)
+    # yuv420p subsamples chroma 2x2, so H.264 needs even sizes: repeat the last row/column.
+    arr = np.pad(arr, ((0, 0), (0, arr.shape[1] % 2), (0, arr.shape[2] % 2), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    # Not ImageSequenceClip: it sums float frame durations, and moviepy writes
+    # int(duration * fps) frames, so it often drops the last frame (e.g. 30 frames at 30 fps -> 29).
+    # Exact indices plus a tiny duration margin write every frame once.
+    clip = VideoClip(lambda t: arr[min(round(t * fps), len(arr) - 1)], duration=len(arr) / fps + 1e-6)
+    if audio is not None:
+        samples = np.asarray(audio, dtype=np.float32)
+        # Always stereo: moviepy 2 quantises mono clips into 2-column chunks but tells ffmpeg
+        # there is 1 channel, which doubles the audio's duration in the file.
+        samples = samples.reshape(len(samples), -1)
+        samples = np.repeat(samples, 2, axis=1) if samples.shape[1] == 1 else samples
+        length = round(len(arr) / fps * sample_rate)
+        samples = np.pad(samples[:length], ((0, max(0, length - len(samples))), (0, 0)))
+        clip = clip.with_audio(AudioArrayClip(np.clip(samples, -1.0, 1.0), fps=sample_rate))
+    # moviepy names its temporary audio file after the output in the working directory by
+    # default; a private folder keeps concurrent writes (and read-only working dirs) safe.
+    try:
+        with tempfile.TemporaryDirectory(prefix="infp_video_") as tmp:
+            clip.write_videofile(
+                str(path), fps=fps, codec="libx264", audio_codec="aac", audio_fps=sample_rate,
+                temp_audiofile=os.path.join(tmp, "audio.m4a"), pixel_format="yuv420p",
+                ffmpeg_params=["-movflags", "+faststart"], logger=None,
+            )
+    finally:
+        clip.close()
+    return str(path)
+
+
+def read_video(path: str | Path, fps: float = 25.0, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode a clip as uint8 [T, H, W, 3] RGB resampled to `fps` (nearest source frame by
+    timestamp). Returns the frames and the source frame rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoLoadError(f"Video file not found: {path}. Check the path.")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoLoadError(f"Could not open the video {path}: use an mp4/mov/avi/webm file with a video stream.")
+    source_fps = cap.get(cv2.CAP_PROP_FPS)
+    if not np.isfinite(source_fps) or source_fps <= 0:
+        logger.warning("%s reports no frame rate; assuming %.2f fps.", path, fps)
+        source_fps = fps
+    frames, j, k = [], 0, 0  # j: source frame index, k: output frame index
+    try:
+        while max_frames is None or len(frames) < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            # Output frame k shows time k / fps; the nearest source frame is round(k * src / fps).
+            while round(k * source_fps / fps) == j and (max_frames is None or len(frames) < max_frames):
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                k += 1
+            j += 1
+    finally:
+        cap.release()
+    if not frames:
+        raise VideoLoadError(f"No frames could be decoded from {path}: the file is empty or corrupt.")
+    return np.stack(frames), float(source_fps)
+
+
+def read_audio_track(path: str | Path) -> np.ndarray | None:
+    """The clip's first audio stream as 16 kHz mono float32, or None when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoLoadError(f"Video file not found: {path}. Check the path.")
+    try:
+        decoded = _ffmpeg_decode(path)
+    except RuntimeError as exc:
+        raise VideoLoadError(f"Could not decode the audio of {path} ({exc}): the file may be corrupt.") from exc
+    return None if decoded is None else load_audio(decoded, name=f"audio track of {path.name}")
