@@ -1,5 +1,6 @@
 """Open implementation of INFP: audio-driven interactive head generation for dyadic conversations."""
 
+from pipeline_infp.hub import export_for_hub
 from pipeline_infp.models import (
     AppearanceEncoder,
     AudioEncoder,
@@ -10,7 +11,6 @@ from pipeline_infp.models import (
     MotionTransformer,
 )
 from pipeline_infp.pipeline_infp import INFPPipeline, INFPPipelineOutput
-from pipeline_infp.hub import export_for_hub
 from pipeline_infp.presets import build_pipeline
 
 __all__ = [

@@ -14,9 +14,9 @@ diffusers' `trust_remote_code` loader, so it uses absolute imports only.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
 from pipeline_infp import models
 from pipeline_infp.hub import make_self_contained
@@ -111,25 +112,34 @@ class INFPPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a saved or exported folder (or Hub repo) with this package's own component classes.
+        """Load a saved or exported folder (or Hub repo id) with this package's own classes.
 
-        Exported folders also carry copies of the code for `DiffusionPipeline.from_pretrained(...,
-        trust_remote_code=True)`; without `trust_remote_code` those copies are not executed.
+        Saved folders also carry a copy of the code for `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`; here those copies are never executed (diffusers would run the folder's
+        pipeline file whenever one is present, so the components are loaded one by one instead).
+        Components passed as keyword arguments are used as they are. Supported options: `torch_dtype`,
+        `variant`, `use_safetensors` and, for Hub repos, `revision`, `token`, `cache_dir`, `local_files_only`.
         """
-        if kwargs.get("trust_remote_code"):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = pretrained_model_name_or_path
+        if kwargs.pop("trust_remote_code", False):
+            return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+        components = {name: kwargs.pop(name) for name in [*COMPONENT_CLASSES, "scheduler"] if name in kwargs}
+        load_kwargs = {key: kwargs.pop(key) for key in ("torch_dtype", "variant", "use_safetensors") if key in kwargs}
+        download_kwargs = {
+            key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
+        }
+        if kwargs:
+            raise TypeError(f"Unsupported from_pretrained options: {', '.join(sorted(kwargs))}.")
+        path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            download_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-            path = cls.download(path, **{k: kwargs[k] for k in download_keys if k in kwargs})
-        load_keys = ("torch_dtype", "variant", "use_safetensors")
-        load_kwargs = {k: kwargs[k] for k in load_keys if k in kwargs}
-        for name in COMPONENT_CLASSES:
-            if name not in kwargs:
-                kwargs[name] = getattr(models, COMPONENT_CLASSES[name]).from_pretrained(
-                    path, subfolder=name, **load_kwargs
-                )
-        return super().from_pretrained(path, **kwargs)
+            path = snapshot_download(path, **download_kwargs)
+        for name, class_name in COMPONENT_CLASSES.items():
+            if name not in components:
+                components[name] = getattr(models, class_name).from_pretrained(path, subfolder=name, **load_kwargs)
+        if "scheduler" not in components:
+            components["scheduler"] = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        pipe = cls(**components)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save in Hub layout, self-contained: weights, configs and a copy of the code (see `pipeline_infp.hub`)."""
@@ -156,9 +166,7 @@ class INFPPipeline(DiffusionPipeline):
     def prepare_audio(self, audio_self, audio_other, max_duration: float | None) -> tuple[np.ndarray, np.ndarray]:
         """Both tracks as 16 kHz mono of equal length; a missing partner track is silence."""
         own = load_audio(audio_self, name="own voice")
-        partner = (
-            np.zeros_like(own) if audio_other is None else load_audio(audio_other, name="partner voice")
-        )
+        partner = np.zeros_like(own) if audio_other is None else load_audio(audio_other, name="partner voice")
         if max_duration is not None:
             check_duration(own, max_duration, name="own voice")
             check_duration(partner, max_duration, name="partner voice")
@@ -180,15 +188,14 @@ class INFPPipeline(DiffusionPipeline):
         return source_latent, features
 
     @torch.no_grad()
-    def encode_reference_motion(self, frames: np.ndarray) -> torch.Tensor:
+    def encode_reference_motion(self, frames: np.ndarray, image_size: int) -> torch.Tensor:
         """Motion latents [L, latent_dim] of a reference clip's frames (uint8 [T, H, W, 3])."""
-        size = self.motion_encoder.config.input_size
-        track = self.face_processor.track_video(frames, size=size)
+        track = self.face_processor.track_video(frames, size=image_size)
         hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(track.crops, track.landmarks)])
         batch = torch.from_numpy(hybrids).permute(0, 3, 1, 2).to(self._execution_device, torch.float32) / 127.5 - 1
         return self.motion_encoder(batch.to(self.motion_encoder.dtype))
 
-    def prepare_style(self, style) -> torch.Tensor | None:
+    def prepare_style(self, style, image_size: int) -> torch.Tensor | None:
         """None, a preset name, a style vector [style_dim], reference motion latents [L, latent_dim],
         or a reference clip (video path or uint8 frames [T, H, W, 3]) → style vector or None."""
         if style is None:
@@ -204,7 +211,7 @@ class INFPPipeline(DiffusionPipeline):
             motion = style
         else:
             frames = read_video(style)[0] if isinstance(style, (str, Path)) else np.asarray(style)
-            motion = self.encode_reference_motion(frames)
+            motion = self.encode_reference_motion(frames, image_size)
         with torch.no_grad():
             return guider.encode_style(motion.to(self._execution_device, guider.dtype))[0]
 
@@ -368,7 +375,7 @@ class INFPPipeline(DiffusionPipeline):
         padded_frames = num_windows * window
         padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
         own_padded, partner_padded = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
-        style_vector = self.prepare_style(style)
+        style_vector = self.prepare_style(style, image_size)
         source_latent, source_features = self.encode_portrait(face)
 
         # 2. Encode audio
@@ -421,4 +428,3 @@ class INFPPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames, motion_latents, self.fps, mixed_audio)
         return INFPPipelineOutput(frames=frames, motion_latents=motion_latents, fps=self.fps, audio=mixed_audio)
-

@@ -114,7 +114,9 @@ class FlowEstimator(ModelMixin, ConfigMixin):
 
 
 def base_config() -> dict:
-    return dict(latent_dim=64, feature_channels=128, motion_embed_dim=256, block_channels=(64, 128, 128), norm_groups=8)
+    return dict(
+        latent_dim=64, feature_channels=128, motion_embed_dim=256, block_channels=(64, 128, 128), norm_groups=8
+    )
 
 
 def tiny_config() -> dict:

@@ -19,7 +19,6 @@ frozen Whisper encoder converted from its published weights.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
@@ -158,7 +157,9 @@ class MotionGuider(ModelMixin, ConfigMixin):
         if own_activity is not None:
             own_query = own_query + own_activity.unsqueeze(-1).to(own_query.dtype) * self.own_activity
         if partner_activity is not None:
-            partner_query = partner_query + partner_activity.unsqueeze(-1).to(partner_query.dtype) * self.partner_activity
+            partner_query = (
+                partner_query + partner_activity.unsqueeze(-1).to(partner_query.dtype) * self.partner_activity
+            )
 
         verbal_bank = self.verbal_modulation(self.verbal_bank, style)
         non_verbal_bank = self.non_verbal_modulation(self.non_verbal_bank, style)

@@ -5,9 +5,9 @@ It denoises one window of motion latents at a time. Each block runs
   interactive motion features f_m) → temporal attention over the previous window's last frames
   followed by this window → feed-forward,
 with every sub-layer conditioned on the diffusion timestep by adaLN-Zero. As in PixArt-α's adaLN-single,
-one timestep projection is shared by all blocks and each block adds its own learned table, which
-keeps the model small enough to ship (the per-block projections would be most of its weights). Temporal attention is what
-keeps consecutive windows continuous: its keys include the clean latents of the previous window's
+one timestep projection is shared by all blocks and each block adds its own learned table, which keeps
+the model small enough to ship (per-block projections would be most of its weights). Temporal attention
+is what keeps consecutive windows continuous: its keys include the clean latents of the previous window's
 last `num_prev_frames` frames. For classifier-free guidance, f_m and the previous latents can be
 dropped per sample; dropped inputs are replaced by learned null embeddings.
 
@@ -62,7 +62,9 @@ class MotionTransformerBlock(nn.Module):
             shift_ff, scale_ff, gate_ff,
         ) = (timestep_modulation + self.modulation_table).unbind(dim=1)  # fmt: skip
 
-        hidden = hidden + gate_self.unsqueeze(1) * self.self_attn(modulate(self.norm_self(hidden), shift_self, scale_self))
+        hidden = hidden + gate_self.unsqueeze(1) * self.self_attn(
+            modulate(self.norm_self(hidden), shift_self, scale_self)
+        )
         hidden = hidden + self.motion_attn(self.norm_motion(hidden), encoder_hidden_states=motion)
         query = modulate(self.norm_temporal(hidden), shift_temp, scale_temp)
         context = torch.cat([self.norm_prev(prev), query], dim=1)

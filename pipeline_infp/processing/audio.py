@@ -6,7 +6,6 @@ import math
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -16,7 +15,7 @@ SAMPLE_RATE = 16000
 MIN_SECONDS = 0.04
 MAX_CHANNELS = 8
 
-AudioInput = Union[str, Path, np.ndarray, tuple]
+AudioInput = str | Path | np.ndarray | tuple
 
 
 def _ffmpeg_decode(path: Path) -> tuple[np.ndarray, int] | None:
@@ -33,8 +32,21 @@ def _ffmpeg_decode(path: Path) -> tuple[np.ndarray, int] | None:
 
     with tempfile.TemporaryDirectory(prefix="infp_audio_") as tmp:
         out = Path(tmp) / "audio.wav"
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-i", str(path),
-               "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", str(out)]
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-nostdin",
+            "-hide_banner",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-vn",
+            "-c:a",
+            "pcm_f32le",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, check=False)
         if proc.returncode != 0:
             stderr = proc.stderr.decode(errors="replace").strip()
@@ -74,8 +86,9 @@ def _split_tuple(audio: tuple, name: str) -> tuple[np.ndarray, int]:
     if np.ndim(a) == 0 and np.ndim(b) > 0:
         a, b = b, a
     if np.ndim(b) != 0:
-        raise AudioLoadError(f"The {name} tuple must hold one array and one sample rate, got {type(a).__name__} "
-                             f"and {type(b).__name__}.")
+        raise AudioLoadError(
+            f"The {name} tuple must hold one array and one sample rate, got {type(a).__name__} and {type(b).__name__}."
+        )
     return np.asarray(a), int(b)
 
 
@@ -160,8 +173,14 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
     return bool(_db(np.sqrt(np.mean(audio**2))) < threshold_db)
 
 
-def voice_activity(audio: np.ndarray, num_frames: int, fps: float = 25.0,
-                   floor_db: float = -50.0, min_gap: float = 0.25, min_burst: float = 0.1) -> np.ndarray:
+def voice_activity(
+    audio: np.ndarray,
+    num_frames: int,
+    fps: float = 25.0,
+    floor_db: float = -50.0,
+    min_gap: float = 0.25,
+    min_burst: float = 0.1,
+) -> np.ndarray:
     """Energy-based speech/no-speech per video frame, float32 [num_frames] of 0/1.
 
     Threshold: 40% of the way from the noise floor (10th percentile of frame levels) to the loud

@@ -9,7 +9,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,7 +19,7 @@ from .errors import ImageLoadError, NoFaceDetectedError
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 
 MIN_SIDE = 32
 MAX_MEGAPIXELS = 50.0
@@ -55,8 +55,7 @@ def _to_rgb(image: ImageInput) -> np.ndarray:
             raise
         except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, bomb)
             raise ImageLoadError(
-                f"Could not read the portrait {path} ({type(exc).__name__}: {exc}). "
-                "Use a valid JPEG or PNG file."
+                f"Could not read the portrait {path} ({type(exc).__name__}: {exc}). Use a valid JPEG or PNG file."
             ) from exc
     if isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -66,8 +65,7 @@ def _to_rgb(image: ImageInput) -> np.ndarray:
         image = np.asarray(image)
     if not isinstance(image, np.ndarray):
         raise ImageLoadError(
-            f"Unsupported portrait type {type(image).__name__}: pass a file path, a PIL image "
-            "or a numpy array."
+            f"Unsupported portrait type {type(image).__name__}: pass a file path, a PIL image or a numpy array."
         )
     arr = image
     if arr.size == 0:
@@ -76,8 +74,7 @@ def _to_rgb(image: ImageInput) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise ImageLoadError(
-            f"The portrait array has shape {image.shape}; expected HxW, HxWx1, HxWx3 or HxWx4 "
-            "(channels last)."
+            f"The portrait array has shape {image.shape}; expected HxW, HxWx1, HxWx3 or HxWx4 (channels last)."
         )
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
@@ -86,9 +83,7 @@ def _to_rgb(image: ImageInput) -> np.ndarray:
     elif arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype != np.uint8:
-        raise ImageLoadError(
-            f"The portrait array has dtype {arr.dtype}; pass uint8 (0-255) or float in [0, 1]."
-        )
+        raise ImageLoadError(f"The portrait array has dtype {arr.dtype}; pass uint8 (0-255) or float in [0, 1].")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:  # composite onto white: transparent backgrounds become neutral
@@ -100,8 +95,7 @@ def _to_rgb(image: ImageInput) -> np.ndarray:
 def _check_size(width: int, height: int) -> None:
     if min(width, height) < MIN_SIDE:
         raise ImageLoadError(
-            f"The portrait is {width}x{height} px; it must be at least {MIN_SIDE} px on each "
-            "side. Use a larger photo."
+            f"The portrait is {width}x{height} px; it must be at least {MIN_SIDE} px on each side. Use a larger photo."
         )
     megapixels = width * height / 1e6
     if megapixels > MAX_MEGAPIXELS:
@@ -206,7 +200,9 @@ class FaceProcessor:
                 model_selection=1, min_detection_confidence=self.min_detection_confidence
             )
             self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, refine_landmarks=True, max_num_faces=1,
+                static_image_mode=True,
+                refine_landmarks=True,
+                max_num_faces=1,
                 min_detection_confidence=self.min_detection_confidence,
             )
         return self._detector, self._mesh
@@ -218,7 +214,7 @@ class FaceProcessor:
                     graph.close()
             self._detector = self._mesh = None
 
-    def __enter__(self) -> "FaceProcessor":
+    def __enter__(self) -> FaceProcessor:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,7 +230,7 @@ class FaceProcessor:
             height, width = image.shape[:2]
             for y0 in _tile_starts(height):
                 for x0 in _tile_starts(width):
-                    for box in self._detect_once(image[y0:y0 + _TILE, x0:x0 + _TILE]):
+                    for box in self._detect_once(image[y0 : y0 + _TILE, x0 : x0 + _TILE]):
                         box[:4] += (x0, y0, x0, y0)
                         boxes.append(box)
             boxes = _suppress_duplicates(boxes)
@@ -248,8 +244,9 @@ class FaceProcessor:
         for det in result.detections or []:
             rel = det.location_data.relative_bounding_box
             x0, y0 = rel.xmin * width, rel.ymin * height
-            boxes.append(np.array([x0, y0, x0 + rel.width * width, y0 + rel.height * height, det.score[0]],
-                                  dtype=np.float32))
+            boxes.append(
+                np.array([x0, y0, x0 + rel.width * width, y0 + rel.height * height, det.score[0]], dtype=np.float32)
+            )
         return boxes
 
     def _mesh_on(self, image: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray | None:
@@ -300,8 +297,9 @@ class FaceProcessor:
         matrix = crop_matrix(landmarks, size, scale)
         return FaceCrop(_warp(image, matrix, size), apply_matrix(landmarks, matrix), matrix, image)
 
-    def track_video(self, frames: np.ndarray, size: int = 256, scale: float = 1.8,
-                    smoothing: float = 0.5, fps: float = 25.0) -> FaceTrack:
+    def track_video(
+        self, frames: np.ndarray, size: int = 256, scale: float = 1.8, smoothing: float = 0.5, fps: float = 25.0
+    ) -> FaceTrack:
         """Crop the largest face of every frame with a temporally smoothed square.
 
         `smoothing` is the moving-average window in seconds applied to the crop centre and side:
@@ -380,7 +378,7 @@ def _ordered_cycle(edges: frozenset) -> list[int]:
         order.append(nxt)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _region_indices() -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Landmark index sets from MediaPipe's own topology (eye regions, lips, ordered oval) and
     one colour per oval point. Cached: MediaPipe is imported on first use only."""
@@ -389,12 +387,15 @@ def _region_indices() -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndar
     def points(*sets: frozenset) -> np.ndarray:
         return np.array(sorted({i for s in sets for edge in s for i in edge}))
 
-    eyes = [points(fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_IRIS, fmc.FACEMESH_LEFT_EYEBROW),
-            points(fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_IRIS, fmc.FACEMESH_RIGHT_EYEBROW)]
+    eyes = [
+        points(fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_IRIS, fmc.FACEMESH_LEFT_EYEBROW),
+        points(fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_IRIS, fmc.FACEMESH_RIGHT_EYEBROW),
+    ]
     oval = np.array(_ordered_cycle(fmc.FACEMESH_FACE_OVAL))
     # Hue runs once round the oval, so the outline encodes which way the face is turned/rolled.
-    hsv = np.stack([np.linspace(0, 180, len(oval), endpoint=False), np.full(len(oval), 255),
-                    np.full(len(oval), 255)], axis=1).astype(np.uint8)[None]
+    hsv = np.stack(
+        [np.linspace(0, 180, len(oval), endpoint=False), np.full(len(oval), 255), np.full(len(oval), 255)], axis=1
+    ).astype(np.uint8)[None]
     colours = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
     return eyes, points(fmc.FACEMESH_LIPS), oval, colours
 
@@ -404,8 +405,7 @@ def _face_size(landmarks: np.ndarray) -> float:
     return float(max(xy.max(axis=0) - xy.min(axis=0)))
 
 
-def hybrid_representation(image: np.ndarray, landmarks: np.ndarray,
-                          outline_radius: int | None = None) -> np.ndarray:
+def hybrid_representation(image: np.ndarray, landmarks: np.ndarray, outline_radius: int | None = None) -> np.ndarray:
     """INFP's hybrid facial representation: the eye (with brows and iris) and lip pixels of
     `image` on black, plus the face oval as small circles coloured by their position on it."""
     eyes, lips, oval, colours = _region_indices()
@@ -454,14 +454,16 @@ def paste_back(frames: np.ndarray, crop: FaceCrop, feather: float = 0.1) -> np.n
     mask = np.zeros((size, size), dtype=np.float32)
     mask[border:-border, border:-border] = 1.0
     mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=border / 2)
-    mask = cv2.warpAffine(mask, roi_inverse, roi_size, flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT)[..., None]
+    mask = cv2.warpAffine(mask, roi_inverse, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)[
+        ..., None
+    ]
 
     out = np.repeat(original[None], len(frames), axis=0)
     background = original[y0:y1, x0:x1].astype(np.float32)
     for t, frame in enumerate(frames):
-        warped = cv2.warpAffine(frame, roi_inverse, roi_size, flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        warped = cv2.warpAffine(
+            frame, roi_inverse, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        ).astype(np.float32)
         out[t, y0:y1, x0:x1] = np.round(warped * mask + background * (1 - mask)).astype(np.uint8)
     return out
 

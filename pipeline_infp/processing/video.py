@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import cv2
 import numpy as np
@@ -17,7 +17,7 @@ from .errors import VideoLoadError
 
 logger = logging.getLogger(__name__)
 
-FramesInput = Union[Sequence[Image.Image], Sequence[np.ndarray], np.ndarray]
+FramesInput = Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray
 
 
 def _frames_to_uint8(frames: FramesInput) -> np.ndarray:
@@ -31,8 +31,9 @@ def _frames_to_uint8(frames: FramesInput) -> np.ndarray:
     return arr.astype(np.uint8, copy=False)
 
 
-def write_video(path: str | Path, frames: FramesInput, fps: float, audio: np.ndarray | None = None,
-                sample_rate: int = SAMPLE_RATE) -> str:
+def write_video(
+    path: str | Path, frames: FramesInput, fps: float, audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE
+) -> str:
     """Write an H.264 (yuv420p) mp4, with `audio` (mono or [N, C]) as AAC trimmed or zero-padded
     to the video's duration. Returns the path as a string."""
     from moviepy import VideoClip
@@ -62,9 +63,15 @@ def write_video(path: str | Path, frames: FramesInput, fps: float, audio: np.nda
     try:
         with tempfile.TemporaryDirectory(prefix="infp_video_") as tmp:
             clip.write_videofile(
-                str(path), fps=fps, codec="libx264", audio_codec="aac", audio_fps=sample_rate,
-                temp_audiofile=os.path.join(tmp, "audio.m4a"), pixel_format="yuv420p",
-                ffmpeg_params=["-movflags", "+faststart"], logger=None,
+                str(path),
+                fps=fps,
+                codec="libx264",
+                audio_codec="aac",
+                audio_fps=sample_rate,
+                temp_audiofile=os.path.join(tmp, "audio.m4a"),
+                pixel_format="yuv420p",
+                ffmpeg_params=["-movflags", "+faststart"],
+                logger=None,
             )
     finally:
         clip.close()

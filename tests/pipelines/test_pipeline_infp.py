@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline_infp import INFPPipeline, build_pipeline
+from pipeline_infp import build_pipeline
 from pipeline_infp.processing import (
     SAMPLE_RATE,
     AudioLoadError,

@@ -70,8 +70,9 @@ def test_ffmpeg_formats(speech, tmp_path):
     """Formats libsndfile cannot read (m4a/AAC) go through the bundled ffmpeg."""
     wav, m4a = tmp_path / "s.wav", tmp_path / "s.m4a"
     sf.write(str(wav), speech, SAMPLE_RATE)
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)],
-                   check=True)
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True
+    )
     audio = load_audio(m4a)
     assert abs(len(audio) - len(speech)) < 0.05 * SAMPLE_RATE
     n = min(len(audio), len(speech))
@@ -162,8 +163,9 @@ def test_voice_activity_hangover():
 
 def test_dual_tracks_mostly_alternate(shared_data):
     audio = shared_data / "audio"
-    overlap, va, vb = _overlap(load_audio(audio / "infinitetalk-pair-man.wav"),
-                               load_audio(audio / "infinitetalk-pair-woman.wav"))
+    overlap, va, vb = _overlap(
+        load_audio(audio / "infinitetalk-pair-man.wav"), load_audio(audio / "infinitetalk-pair-woman.wav")
+    )
     assert overlap < 0.05 and va.mean() > 0.3 and vb.mean() > 0.3
     for pair in ["dualtalk-ubjudm1mige-sub-video-72", "dualtalk-xkhwlcdsojc-sub-video-109-000"]:
         tracks = [load_audio(audio / f"{pair}-speaker{i}.wav") for i in (1, 2)]

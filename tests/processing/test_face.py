@@ -327,8 +327,9 @@ def test_track_video_drops_faceless_frames_and_smooths_the_crop(processor, share
     raw = np.array([processor.landmarks(frames[i]) for i in track.indices])
     raw_lo, raw_hi = _bbox(raw)
     raw_centre = (raw_lo + raw_hi) / 2
-    crop_centre = np.array([apply_matrix(np.array([[64.0, 64.0]]), cv2.invertAffineTransform(m))[0]
-                            for m in track.matrices])
+    crop_centre = np.array(
+        [apply_matrix(np.array([[64.0, 64.0]]), cv2.invertAffineTransform(m))[0] for m in track.matrices]
+    )
     assert np.abs(np.diff(crop_centre, 2, axis=0)).mean() < np.abs(np.diff(raw_centre, 2, axis=0)).mean()
 
 

@@ -1,0 +1,117 @@
+"""Saved pipelines are self-contained Hub folders that load both ways and reproduce the same video."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from pipeline_infp import INFPPipeline, MotionGuider, build_pipeline, export_for_hub
+from pipeline_infp.pipeline_infp import COMPONENT_CLASSES
+from pipeline_infp.processing import FaceProcessor, read_audio_track, read_video, write_video
+from tests.ct2_format import ct2_variables_from_model, write_ctranslate2_model
+from tests.pipelines.test_pipeline_infp import IMAGE_SIZE, speech
+from tests.utils import randomize
+
+
+@pytest.fixture(scope="module")
+def face(shared_data):
+    with FaceProcessor() as processor:
+        return processor.crop_portrait(
+            shared_data / "portraits" / "sadtalker-source-image-people-0.png", size=IMAGE_SIZE
+        )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pipe = build_pipeline("tiny", seed=0)
+    for name in ("motion_guider", "motion_transformer", "flow_estimator", "face_decoder"):
+        randomize(getattr(pipe, name), seed=2)
+    folder = tmp_path_factory.mktemp("saved")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def generate(pipe, face, own, other=None):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        face, own, other, num_inference_steps=2, image_size=IMAGE_SIZE, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+
+
+def test_folder_is_in_self_contained_hub_layout(saved):
+    _, folder = saved
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_infp", "INFPPipeline"]
+    assert (folder / "pipeline_infp.py").is_file()
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    for name, class_name in COMPONENT_CLASSES.items():
+        module = index[name][0]
+        assert index[name] == [module, class_name]
+        for file in (f"{module}.py", "config.json", "diffusion_pytorch_model.safetensors"):
+            assert (folder / name / file).is_file(), f"{name}/{file}"
+
+
+def test_round_trip_through_both_loading_paths_gives_the_same_video(saved, face, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe, folder = saved
+    own, other = speech(0.7), speech(0.7, seed=5)
+    expected = generate(pipe, face, own, other)
+
+    ours = INFPPipeline.from_pretrained(folder)
+    assert type(ours.motion_guider) is MotionGuider  # the package's classes, not the folder's code copies
+    remote = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(remote).__name__ == "INFPPipeline" and type(remote.motion_guider) is not MotionGuider
+    for loaded in (ours, remote):
+        out = generate(loaded, face, own, other)
+        assert np.array_equal(out.frames, expected.frames)
+        assert torch.equal(out.motion_latents, expected.motion_latents)
+
+
+def test_plain_diffusers_loading_refuses_code_without_trust(saved):
+    _, folder = saved
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(folder)
+
+
+def test_random_pipeline_from_a_folder_makes_an_mp4_with_sound(saved, shared_data, tmp_path):
+    _, folder = saved
+    pipe = INFPPipeline.from_pretrained(folder)
+    out = generate(
+        pipe,
+        shared_data / "portraits" / "liveportrait-source-s1.jpg",
+        shared_data / "audio" / "dreamtalk-spanish1.wav",
+    )
+    path = write_video(tmp_path / "out.mp4", out.frames, out.fps, out.audio)
+    frames, fps = read_video(path)
+    assert len(frames) == len(out.frames) == round(4.51 * 25)
+    sound = read_audio_track(path)
+    assert sound is not None and abs(len(sound) / 16000 - len(frames) / 25) < 0.1
+
+
+def test_exported_folder_without_whisper_weights_converts_them_on_load(saved, face, tmp_path, monkeypatch):
+    """export_for_hub leaves the Whisper encoder out; both loading paths rebuild it from CTranslate2 files."""
+    pipe, _ = saved
+    whisper = write_ctranslate2_model(
+        tmp_path / "model.bin", ct2_variables_from_model(pipe.audio_encoder, dtype=np.float32)
+    )
+    monkeypatch.setenv("INFP_WHISPER_CT2", str(whisper))
+    monkeypatch.setenv("INFP_CACHE", str(tmp_path / "cache"))
+    card = tmp_path / "card.md"
+    card.write_text("---\nlibrary_name: diffusers\n---\n# test card\n")
+    folder = export_for_hub(pipe, tmp_path / "export", model_card=card)
+    assert not list((folder / "audio_encoder").glob("*.safetensors"))
+    assert (folder / "audio_encoder" / "config.json").is_file()
+    assert (folder / "README.md").read_text() == card.read_text()
+
+    own = speech(0.5)
+    expected = generate(pipe, face, own)
+    for loaded in (
+        INFPPipeline.from_pretrained(folder),
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
+    ):
+        assert np.array_equal(generate(loaded, face, own).frames, expected.frames)
+    with pytest.raises(FileNotFoundError, match="Model card"):
+        export_for_hub(pipe, tmp_path / "other", model_card=tmp_path / "missing.md")
