@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from diffusers import DiffusionPipeline
 
@@ -76,19 +77,21 @@ def test_plain_diffusers_loading_refuses_code_without_trust(saved):
         DiffusionPipeline.from_pretrained(folder)
 
 
-def test_random_pipeline_from_a_folder_makes_an_mp4_with_sound(saved, shared_data, tmp_path):
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_random_pipeline_from_a_folder_makes_an_mp4_with_sound(saved, shared_data, tmp_path, trust_remote_code):
+    """Real portrait file + real 16 kHz speech file → mp4 whose video and sound have the audio's length."""
     _, folder = saved
-    pipe = INFPPipeline.from_pretrained(folder)
-    out = generate(
-        pipe,
-        shared_data / "portraits" / "liveportrait-source-s1.jpg",
-        shared_data / "audio" / "dreamtalk-spanish1.wav",
-    )
+    loader = DiffusionPipeline if trust_remote_code else INFPPipeline
+    pipe = loader.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    speech_file = shared_data / "audio" / "dreamtalk-spanish1.wav"
+    out = generate(pipe, shared_data / "portraits" / "liveportrait-source-s1.jpg", speech_file)
     path = write_video(tmp_path / "out.mp4", out.frames, out.fps, out.audio)
     frames, fps = read_video(path)
-    assert len(frames) == len(out.frames) == round(4.51 * 25)
+    expected_frames = round(sf.info(speech_file).duration * 25)
+    assert len(frames) == len(out.frames) == expected_frames and fps == 25
     sound = read_audio_track(path)
-    assert sound is not None and abs(len(sound) / 16000 - len(frames) / 25) < 0.1
+    assert sound is not None and abs(len(sound) / 16000 - expected_frames / 25) < 0.05
+    assert np.abs(sound).max() > 0.05  # the speech is in the file, not silence
 
 
 def test_exported_folder_without_whisper_weights_converts_them_on_load(saved, face, tmp_path, monkeypatch):
