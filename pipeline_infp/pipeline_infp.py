@@ -73,6 +73,16 @@ COMPONENT_CLASSES = {
 }
 
 
+@dataclass
+class PortraitEncoding:
+    """latent: the portrait's motion latent [1, latent_dim]; features: its appearance feature volume;
+    image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution."""
+
+    latent: torch.Tensor
+    features: torch.Tensor
+    image: torch.Tensor
+
+
 def image_to_tensor(image: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 [H, W, 3] → [1, 3, H, W] in [-1, 1]."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
@@ -179,21 +189,26 @@ class INFPPipeline(DiffusionPipeline):
         return own, partner
 
     @torch.no_grad()
-    def encode_portrait(self, face: FaceCrop) -> tuple[torch.Tensor, torch.Tensor]:
-        """The portrait's motion latent [1, latent_dim] and appearance feature volume."""
-        device = self._execution_device
-        hybrid = hybrid_representation(face.image, face.landmarks)
-        source_latent = self.motion_encoder(image_to_tensor(hybrid, device, self.motion_encoder.dtype))
-        features = self.appearance_encoder(image_to_tensor(face.image, device, self.appearance_encoder.dtype))
-        return source_latent, features
+    def encode_portrait(self, face: FaceCrop) -> PortraitEncoding:
+        """Everything the renderer needs from the portrait, computed once per video."""
+        device, dtype = self._execution_device, self.appearance_encoder.dtype
+        image = image_to_tensor(face.image, device, dtype)
+        latent = self.encode_motion(face.image[None], face.landmarks[None])
+        return PortraitEncoding(latent=latent, features=self.appearance_encoder(image), image=image)
+
+    @torch.no_grad()
+    def encode_motion(self, crops: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+        """Motion latents [T, latent_dim] of face crops (uint8 [T, S, S, 3]) with their mesh landmarks, from
+        INFP's hybrid representation (eyes and lips kept, face outline drawn)."""
+        hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(crops, landmarks)])
+        batch = torch.from_numpy(hybrids).permute(0, 3, 1, 2).to(self._execution_device, torch.float32) / 127.5 - 1
+        return self.motion_encoder(batch.to(self.motion_encoder.dtype))
 
     @torch.no_grad()
     def encode_reference_motion(self, frames: np.ndarray, image_size: int) -> torch.Tensor:
         """Motion latents [L, latent_dim] of a reference clip's frames (uint8 [T, H, W, 3])."""
         track = self.face_processor.track_video(frames, size=image_size)
-        hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(track.crops, track.landmarks)])
-        batch = torch.from_numpy(hybrids).permute(0, 3, 1, 2).to(self._execution_device, torch.float32) / 127.5 - 1
-        return self.motion_encoder(batch.to(self.motion_encoder.dtype))
+        return self.encode_motion(track.crops, track.landmarks)
 
     def prepare_style(self, style, image_size: int) -> torch.Tensor | None:
         """None, a preset name, a style vector [style_dim], reference motion latents [L, latent_dim],
@@ -302,18 +317,16 @@ class INFPPipeline(DiffusionPipeline):
     # 5. Render -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def render(
-        self, source_latent: torch.Tensor, source_features: torch.Tensor, motion_latents: torch.Tensor, batch_size: int
-    ) -> torch.Tensor:
-        """Frames [T, 3, S, S] in [0, 1] from motion latents [T, latent_dim]."""
+    def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
+        dtype = self.flow_estimator.dtype
         frames = []
         for start in range(0, motion_latents.shape[0], batch_size):
-            driving = motion_latents[start : start + batch_size].to(self.flow_estimator.dtype)
-            flow = self.flow_estimator(source_latent.to(driving.dtype), driving, source_features.to(driving.dtype))
+            driving = motion_latents[start : start + batch_size].to(dtype)
+            flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype))
             image = self.face_decoder(
-                source_features.to(self.face_decoder.dtype), flow.flow.to(self.face_decoder.dtype),
-                flow.occlusion.to(self.face_decoder.dtype),
-            )  # fmt: skip
+                portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
+            ).sample
             frames.append(((image.float() + 1) / 2).clamp(0, 1))
         return torch.cat(frames)
 
@@ -376,7 +389,7 @@ class INFPPipeline(DiffusionPipeline):
         padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
         own_padded, partner_padded = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
         style_vector = self.prepare_style(style, image_size)
-        source_latent, source_features = self.encode_portrait(face)
+        portrait_encoding = self.encode_portrait(face)
 
         # 2. Encode audio
         audio_features = self.encode_audio(own_padded, partner_padded, padded_frames)
@@ -391,7 +404,8 @@ class INFPPipeline(DiffusionPipeline):
             plain_motion_features = plain_motion_features.to(transformer.dtype)
 
         # 4. Denoise window by window; the first window continues from the portrait's own motion.
-        prev = transformer.normalize_latents(source_latent.to(transformer.dtype)).unsqueeze(1).expand(-1, num_prev, -1)
+        source_latent = portrait_encoding.latent.to(transformer.dtype)
+        prev = transformer.normalize_latents(source_latent).unsqueeze(1).expand(-1, num_prev, -1)
         windows = []
         with self.progress_bar(total=num_windows * num_inference_steps) as progress_bar:
             for w in range(num_windows):
@@ -414,7 +428,7 @@ class INFPPipeline(DiffusionPipeline):
             return INFPPipelineOutput(frames=None, motion_latents=motion_latents, fps=self.fps, audio=mixed_audio)
 
         # 5. Render
-        frames = self.render(source_latent, source_features, motion_latents, render_batch_size)
+        frames = self.render(portrait_encoding, motion_latents, render_batch_size)
         self.maybe_free_model_hooks()
 
         # 6. Output

@@ -32,7 +32,7 @@ def build_pipeline(preset: str = "base", seed: int | None = 0, whisper_weights: 
     for name, class_name in COMPONENT_CLASSES.items():
         model_class = getattr(models, class_name)
         config = getattr(sys.modules[model_class.__module__], f"{preset}_config")()
-        components[name] = model_class(**config)
+        components[name] = model_class(**config).eval()
     if whisper_weights:
         load_whisper_weights(components["audio_encoder"])
     return INFPPipeline(scheduler=make_scheduler(), **components)

@@ -1,8 +1,10 @@
 """Appearance encoder of INFP's face renderer: the portrait becomes a 2-D feature volume that the
 face decoder warps with the estimated flow. It runs once per portrait, so it may be heavier than
-the per-frame networks."""
+the per-frame networks. `sample_size` is the renderer's working resolution: the portrait is resized
+to it here, and the decoder brings the result back to the output size."""
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
@@ -16,6 +18,7 @@ class AppearanceEncoder(ModelMixin, ConfigMixin):
     def __init__(
         self,
         in_channels: int = 3,
+        sample_size: int = 128,
         stem_channels: int = 32,
         down_channels: tuple[int, ...] = (64, 128),
         num_res_blocks: int = 1,
@@ -41,6 +44,9 @@ class AppearanceEncoder(ModelMixin, ConfigMixin):
         return self.config.down_channels[-1]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = self.config.sample_size
+        if image.shape[-2:] != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         hidden = self.conv_in(image)
         for block in self.blocks:
             hidden = block(hidden, None)
@@ -48,8 +54,8 @@ class AppearanceEncoder(ModelMixin, ConfigMixin):
 
 
 def base_config() -> dict:
-    return dict(stem_channels=32, down_channels=(64, 128), num_res_blocks=1, norm_groups=8)
+    return dict(sample_size=128, stem_channels=32, down_channels=(64, 128), num_res_blocks=1, norm_groups=8)
 
 
 def tiny_config() -> dict:
-    return dict(stem_channels=8, down_channels=(8, 16), num_res_blocks=0, norm_groups=4)
+    return dict(sample_size=32, stem_channels=8, down_channels=(8, 16), num_res_blocks=0, norm_groups=4)

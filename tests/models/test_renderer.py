@@ -17,11 +17,12 @@ def test_motion_encoder_gives_one_latent_per_image_at_any_input_size():
     assert not torch.allclose(small[0], small[1])
 
 
-def test_appearance_encoder_feature_volume_is_a_quarter_of_the_image():
+def test_appearance_encoder_works_at_its_sample_size_whatever_the_input_size():
     encoder = tiny_model("appearance_encoder")
+    size = encoder.config.sample_size
     with torch.no_grad():
-        features = encoder(torch.rand(2, 3, 64, 64))
-    assert features.shape == (2, encoder.out_channels, 16, 16)
+        features = encoder(torch.rand(2, 3, 4 * size, 4 * size))
+    assert features.shape == (2, encoder.out_channels, size // 4, size // 4)
 
 
 def test_flow_estimator_starts_as_identity_warp_with_everything_visible():
@@ -64,15 +65,36 @@ def test_warp_resizes_a_coarse_flow_to_the_features():
     assert warp(features, torch.zeros(1, 2, 8, 8)).shape == features.shape
 
 
-def test_face_decoder_renders_full_resolution_and_uses_the_flow():
-    decoder = randomize(tiny_model("face_decoder"))
+def decoder_inputs(decoder, flow_value=0.0, occlusion_value=1.0):
     channels = decoder.config.feature_channels
-    features = torch.randn(1, channels, 16, 16)
-    occlusion = torch.ones(1, 1, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, channels, 16, 16, generator=generator)
+    image = torch.rand(1, 3, 128, 128, generator=generator) * 2 - 1
+    return features, torch.full((1, 2, 16, 16), flow_value), torch.full((1, 1, 16, 16), occlusion_value), image
+
+
+def test_face_decoder_output_has_the_source_image_resolution():
+    decoder = tiny_model("face_decoder")
     with torch.no_grad():
-        still = decoder(features, torch.zeros(1, 2, 16, 16), occlusion)
-        moved = decoder(features, torch.full((1, 2, 16, 16), 0.25), occlusion)
-        hidden = decoder(features, torch.zeros(1, 2, 16, 16), torch.zeros_like(occlusion))
-    assert still.shape == (1, 3, 64, 64)
+        out = decoder(*decoder_inputs(decoder))
+    assert out.sample.shape == out.warped.shape == (1, 3, 128, 128)
+    assert out.blend.shape == (1, 1, 128, 128)
+
+
+def test_face_decoder_starts_close_to_the_warped_source():
+    decoder = tiny_model("face_decoder")
+    features, flow, occlusion, image = decoder_inputs(decoder)
+    with torch.no_grad():
+        out = decoder(features, flow, occlusion, image)
+    assert torch.allclose(out.warped, image, atol=1e-5)  # zero flow
+    assert out.blend.mean() > 0.75  # mostly the (here unmoved) source from the first step
+
+
+def test_face_decoder_uses_flow_and_occlusion():
+    decoder = randomize(tiny_model("face_decoder"))
+    with torch.no_grad():
+        still = decoder(*decoder_inputs(decoder)).sample
+        moved = decoder(*decoder_inputs(decoder, flow_value=0.25)).sample
+        hidden = decoder(*decoder_inputs(decoder, occlusion_value=0.0)).sample
     assert F.l1_loss(still, moved) > 1e-3
     assert F.l1_loss(still, hidden) > 1e-3
