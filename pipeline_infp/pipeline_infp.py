@@ -95,12 +95,14 @@ class INFPPipeline(DiffusionPipeline):
         "->face_decoder"
     )
     _callback_tensor_inputs = ["latents", "noise_pred"]
+    # A stage-1 checkpoint (face renderer only) has no motion model yet; it can still reenact faces.
+    _optional_components = ["motion_guider", "motion_transformer"]
 
     def __init__(
         self,
         audio_encoder: ModelMixin,
-        motion_guider: ModelMixin,
-        motion_transformer: ModelMixin,
+        motion_guider: ModelMixin | None,
+        motion_transformer: ModelMixin | None,
         scheduler: DDIMScheduler,
         motion_encoder: ModelMixin,
         appearance_encoder: ModelMixin,
@@ -143,7 +145,11 @@ class INFPPipeline(DiffusionPipeline):
         if not os.path.isdir(path):
             path = snapshot_download(path, **download_kwargs)
         for name, class_name in COMPONENT_CLASSES.items():
-            if name not in components:
+            if name in components:
+                continue
+            if name in cls._optional_components and not os.path.isdir(os.path.join(path, name)):
+                components[name] = None
+            else:
                 components[name] = getattr(models, class_name).from_pretrained(path, subfolder=name, **load_kwargs)
         if "scheduler" not in components:
             components["scheduler"] = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
@@ -371,6 +377,11 @@ class INFPPipeline(DiffusionPipeline):
             callback_on_step_end: called as `fn(pipe, step, timestep, tensors)` after every denoising step
                 (steps are counted across windows); may return {"latents": ...} to replace them.
         """
+        if self.motion_guider is None or self.motion_transformer is None:
+            raise ValueError(
+                "This pipeline has only the stage-1 face renderer: it can reenact faces (`encode_motion`, `render`) "
+                "but has no audio-to-motion model. Load a checkpoint trained with training/train_motion.py."
+            )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)

@@ -119,3 +119,23 @@ def test_exported_folder_without_whisper_weights_converts_them_on_load(saved, fa
         assert np.allclose(generate(loaded, face, own).frames, expected.frames, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="Model card"):
         export_for_hub(pipe, tmp_path / "other", model_card=tmp_path / "missing.md")
+
+
+def test_a_renderer_only_checkpoint_loads_and_reenacts_but_cannot_generate(saved, face, tmp_path):
+    pipe, _ = saved
+    renderer_only = INFPPipeline(**{**pipe.components, "motion_guider": None, "motion_transformer": None})
+    renderer_only.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["motion_guider"] == [None, None] and not (tmp_path / "motion_guider").exists()
+
+    for loaded in (
+        INFPPipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert loaded.motion_guider is None and loaded.motion_transformer is None
+        latents = loaded.encode_motion(face.image[None], face.landmarks[None])
+        frames = loaded.render(loaded.encode_portrait(face), latents.repeat(3, 1))
+        expected = pipe.render(pipe.encode_portrait(face), latents.repeat(3, 1))
+        assert frames.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.allclose(frames, expected, atol=1e-5)
+        with pytest.raises(ValueError, match="only the stage-1 face renderer"):
+            loaded(face, speech(0.3))
