@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -78,35 +78,78 @@ def write_video(
     return str(path)
 
 
+class VideoStream:
+    """A clip's frames as uint8 [H, W, 3] RGB, resampled to `fps` (nearest source frame by
+    timestamp) and decoded one at a time, so long or high-resolution clips never sit in memory
+    as one array. Every iteration decodes the file again from the start (two-pass processing).
+
+    `source_fps`, `width`, `height` and `estimated_frames` (at `fps`, from the container's frame
+    count; 0 when unknown) are read when the stream is created; a missing or unreadable file
+    raises VideoLoadError there. A source frame shown at several output times (upsampling) is
+    yielded as the same array each time: copy it before modifying it in place.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 25.0, max_frames: int | None = None):
+        self.path = Path(path)
+        self.fps = float(fps)
+        self.max_frames = max_frames
+        if not self.path.is_file():
+            raise VideoLoadError(f"Video file not found: {self.path}. Check the path.")
+        cap = self._open()
+        try:
+            source_fps = cap.get(cv2.CAP_PROP_FPS)
+            self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+            self.height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        finally:
+            cap.release()
+        if not np.isfinite(source_fps) or source_fps <= 0:
+            logger.warning("%s reports no frame rate; assuming %.2f fps.", self.path, fps)
+            source_fps = self.fps
+        self.source_fps = float(source_fps)
+        estimate = round(count * self.fps / self.source_fps) if np.isfinite(count) and count > 0 else 0
+        self.estimated_frames = min(estimate, max_frames) if max_frames is not None else estimate
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise VideoLoadError(
+                f"Could not open the video {self.path}: use an mp4/mov/avi/webm file with a video stream."
+            )
+        return cap
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        cap = self._open()
+        count, j, k = 0, 0, 0  # j: source frame index, k: output frame index
+        try:
+            while self.max_frames is None or count < self.max_frames:
+                if not cap.grab():
+                    break
+                # Output frame k shows time k / fps; the nearest source frame is round(k * src / fps).
+                if round(k * self.source_fps / self.fps) == j:  # source frames not shown are never converted
+                    ok, frame = cap.retrieve()
+                    if not ok:
+                        break
+                    rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    while round(k * self.source_fps / self.fps) == j and (
+                        self.max_frames is None or count < self.max_frames
+                    ):
+                        yield rgb
+                        count += 1
+                        k += 1
+                j += 1
+        finally:
+            cap.release()
+
+
 def read_video(path: str | Path, fps: float = 25.0, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """Decode a clip as uint8 [T, H, W, 3] RGB resampled to `fps` (nearest source frame by
-    timestamp). Returns the frames and the source frame rate."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoLoadError(f"Video file not found: {path}. Check the path.")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise VideoLoadError(f"Could not open the video {path}: use an mp4/mov/avi/webm file with a video stream.")
-    source_fps = cap.get(cv2.CAP_PROP_FPS)
-    if not np.isfinite(source_fps) or source_fps <= 0:
-        logger.warning("%s reports no frame rate; assuming %.2f fps.", path, fps)
-        source_fps = fps
-    frames, j, k = [], 0, 0  # j: source frame index, k: output frame index
-    try:
-        while max_frames is None or len(frames) < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            # Output frame k shows time k / fps; the nearest source frame is round(k * src / fps).
-            while round(k * source_fps / fps) == j and (max_frames is None or len(frames) < max_frames):
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                k += 1
-            j += 1
-    finally:
-        cap.release()
+    timestamp). Returns the frames and the source frame rate. See VideoStream for long clips."""
+    stream = VideoStream(path, fps, max_frames)
+    frames = list(stream)
     if not frames:
-        raise VideoLoadError(f"No frames could be decoded from {path}: the file is empty or corrupt.")
-    return np.stack(frames), float(source_fps)
+        raise VideoLoadError(f"No frames could be decoded from {stream.path}: the file is empty or corrupt.")
+    return np.stack(frames), stream.source_fps
 
 
 def read_audio_track(path: str | Path) -> np.ndarray | None:

@@ -1,0 +1,95 @@
+"""The stage-1 training script: data pairs, a few steps in one and in two processes, resuming, export."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline_infp import INFPPipeline
+from pipeline_infp.processing import FaceProcessor
+from training import prepare_data
+from training.prepared import PreparedDataset
+from training.train_head_imitation import HeadImitationDataset, main, synthetic_driving
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "training" / "train_head_imitation.py"
+CLIPS = {"styletalk-feifeili-clip1": "train", "video-retalkin-4": "val"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(shared_data, tmp_path_factory):
+    """A prepared dataset of one train clip, one val clip (1 s each) and one portrait."""
+    tmp = tmp_path_factory.mktemp("head-data")
+    rows = [r for r in csv.DictReader(open(shared_data / "manifest.csv")) if r["id"] in CLIPS]
+    rows.append(next(r for r in csv.DictReader(open(shared_data / "manifest.csv")) if r["kind"] == "portrait"))
+    with open(tmp / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([dict(r, path=str(shared_data / r["path"])) for r in rows])
+    out = tmp / "prepared"
+    prepare_data.main(
+        ["--manifest", str(tmp / "manifest.csv"), "--out", str(out), "--max-seconds", "1", "--workers", "1"]
+    )
+    return out
+
+
+def tiny_args(data_dir, output_dir, *extra):
+    return ["--data_dir", str(data_dir), "--output_dir", str(output_dir), "--config", "tiny",
+            "--dataloader_num_workers", "0", *extra]  # fmt: skip
+
+
+def test_pairs_have_images_hybrids_and_mesh_flow(data_dir):
+    dataset = HeadImitationDataset(
+        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.5, seed=0, length=10
+    )
+    sample = dataset[3]
+    assert sample["source"].shape == sample["driving"].shape == (3, 64, 64)
+    assert sample["driving_hybrid"].shape == (3, 256, 256)
+    assert sample["mesh_flow"].shape == (2, 16, 16) and sample["mesh_mask"].shape == (1, 16, 16)
+    assert 0 < sample["mesh_mask"].mean() < 1
+    assert -1 <= sample["source"].min() and sample["source"].max() <= 1
+    again = dataset[3]
+    assert all(torch.equal(sample[k], again[k]) for k in sample)  # a pair is a function of its index
+    assert not torch.equal(dataset[4]["driving"], sample["driving"])
+
+
+def test_synthetic_driving_moves_the_face_where_its_landmarks_say(shared_data):
+    with FaceProcessor() as processor:
+        face = processor.crop_portrait(shared_data / "portraits" / "liveportrait-source-s1.jpg")
+        moved, target = synthetic_driving(face.image, face.landmarks, np.random.default_rng(1))
+        found = processor.landmarks(moved)
+    assert moved.shape == face.image.shape and not np.array_equal(moved, face.image)
+    error = np.linalg.norm(found[:468, :2] - target[:468, :2], axis=1).mean()
+    assert error < 0.03 * face.image.shape[0]
+
+
+def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
+    main(tiny_args(data_dir, tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "validation" / "step-000004.jpg").is_file()
+    pipe = INFPPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.motion_guider is None
+    with safe_open(tmp_path / "pipeline" / "face_decoder" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert all(weights.get_tensor(key).dtype == torch.float16 for key in weights.keys())  # noqa: SIM118
+
+    main(tiny_args(data_dir, tmp_path, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    resumed = INFPPipeline.from_pretrained(tmp_path / "pipeline")
+    before, after = pipe.face_decoder.state_dict(), resumed.face_decoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_runs_as_two_processes_with_accelerate(data_dir, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(SCRIPT),
+               *tiny_args(data_dir, tmp_path, "--max_train_steps", "2")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stderr
+    assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "pipeline" / "model_index.json").is_file()

@@ -1,0 +1,530 @@
+#!/usr/bin/env python
+"""Stage 1 of INFP: train the face renderer by head imitation (self-reenactment).
+
+A source frame and a driving frame are taken from the same clip. The driving frame enters only
+through its hybrid representation (eyes and lips kept, face outline drawn), which the motion
+encoder turns into a motion latent; the renderer (appearance encoder, flow estimator, warping face
+decoder) must reconstruct the driving frame from the source frame and that latent.
+
+The data is small (tens of identities), so the script leans on what generalises to unseen faces:
+- the flow estimator is supervised with the dense correspondence given by the two frames' face
+  meshes (a piecewise-affine warp), so it learns geometry rather than identities;
+- portraits become extra identities through synthetic pairs: the portrait and a copy moved by a
+  random head motion and a mesh-guided expression change, whose flow is known exactly;
+- colour, scale, shift and mirror augmentation.
+Losses: L1, SSIM, the flow loss, and a multi-scale patch discriminator (hinge) with feature matching.
+
+Run on this machine (one process, minutes):
+    python training/train_head_imitation.py --data_dir prepared --output_dir runs/head --config cpu
+Several processes or GPUs (the same script):
+    accelerate launch --num_processes 2 --cpu training/train_head_imitation.py --data_dir prepared ...
+    accelerate launch --multi_gpu --num_processes 8 training/train_head_imitation.py --config gpu ...
+Resume with `--resume_from_checkpoint latest`. The trained renderer is exported as a pipeline folder
+(`<output_dir>/pipeline`, or `--export_to`), which `python -m pipeline_infp.evaluate reenactment` reads.
+"""
+
+import argparse
+import copy
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling reader module, also when imported
+from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
+from pipeline_infp.metrics import psnr, ssim  # noqa: E402
+from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
+from pipeline_infp.processing import apply_matrix, hybrid_representation, mesh_flow, mesh_warp  # noqa: E402
+from prepared import PreparedDataset  # noqa: E402
+
+logger = get_logger(__name__)
+RENDERER = ("motion_encoder", "appearance_encoder", "flow_estimator", "face_decoder")
+
+
+# Presets -------------------------------------------------------------------------------------------
+
+
+def cpu_preset() -> dict:
+    """Tens of minutes on a 2-core CPU: the base renderer working at 128², batch 8."""
+    return dict(
+        renderer="base", resolution=128, train_batch_size=8, max_train_steps=4000, learning_rate=2e-4,
+        gan_weight=0.05, gan_start_step=2000, checkpointing_steps=500, validation_steps=500,
+    )  # fmt: skip
+
+
+def gpu_preset() -> dict:
+    """One modern GPU for a few hours (or several with accelerate): the renderer working at 256²."""
+    return dict(
+        renderer="base", resolution=256, train_batch_size=32, max_train_steps=60000, learning_rate=2e-4,
+        gan_weight=0.1, gan_start_step=10000, checkpointing_steps=2000, validation_steps=2000,
+    )  # fmt: skip
+
+
+def tiny_preset() -> dict:
+    """Seconds: for tests of the script itself."""
+    return dict(
+        renderer="tiny", resolution=64, train_batch_size=2, max_train_steps=4, learning_rate=1e-3,
+        gan_weight=0.1, gan_start_step=2, checkpointing_steps=2, validation_steps=2,
+    )  # fmt: skip
+
+
+PRESETS = {"cpu": cpu_preset, "gpu": gpu_preset, "tiny": tiny_preset}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="a dataset written by training/prepare_data.py")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--config", choices=sorted(PRESETS), default="cpu", help="preset; flags below override it")
+    parser.add_argument("--renderer", choices=["tiny", "base"], help="renderer size preset")
+    parser.add_argument("--init_from", help="pipeline folder whose renderer weights to start from")
+    parser.add_argument("--resolution", type=int, help="renderer working resolution (and training image size)")
+    parser.add_argument("--train_batch_size", type=int)
+    parser.add_argument("--max_train_steps", type=int)
+    parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--gan_weight", type=float)
+    parser.add_argument("--gan_start_step", type=int)
+    parser.add_argument("--checkpointing_steps", type=int)
+    parser.add_argument("--validation_steps", type=int)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
+    parser.add_argument("--ssim_weight", type=float, default=1.0)
+    parser.add_argument("--flow_weight", type=float, default=1.0, help="mesh-flow supervision at the start")
+    parser.add_argument("--flow_weight_final", type=float, default=0.1, help="... decayed linearly to this")
+    parser.add_argument("--feature_matching_weight", type=float, default=1.0)
+    parser.add_argument("--portrait_pair_prob", type=float, default=0.2, help="share of synthetic portrait pairs")
+    parser.add_argument("--kinds", nargs="+", default=["talking", "dyadic-split", "nonverbal", "talking-generated"])
+    parser.add_argument("--dataloader_num_workers", type=int, default=1)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--report_to", default=None, help="tensorboard / wandb / ... (optional)")
+    parser.add_argument("--export_to", help="also write the final renderer pipeline here (fp16), e.g. a checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.config]().items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# Data ----------------------------------------------------------------------------------------------
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] → float [3, H, W] in [-1, 1] (in numpy: cheaper than torch's strided copy here)."""
+    return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+
+
+class HeadImitationDataset(Dataset):
+    """Random (source, driving) pairs; every index draws its own pair, so any sampler shards it cleanly."""
+
+    def __init__(
+        self,
+        data: PreparedDataset,
+        kinds,
+        split: str,
+        resolution: int,
+        portrait_pair_prob: float,
+        seed: int,
+        length: int,
+    ):
+        self.clips = [c for c in data.clips(kinds=kinds, splits=[split]) if c.num_frames >= 2]
+        if not self.clips:
+            raise ValueError(f"No {split} clips of kinds {kinds} in {data.root}: check --data_dir and --kinds.")
+        frames = np.array([c.num_frames for c in self.clips], dtype=np.float64)
+        self.weights = frames / frames.sum()
+        self.portraits = data.portraits() if portrait_pair_prob > 0 else []
+        self.portrait_pair_prob = portrait_pair_prob if self.portraits else 0.0
+        self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
+        cv2.setNumThreads(1)  # loader workers share the cores with the training process
+        self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng((self.seed, self.resumed_at, index))
+        if rng.random() < self.portrait_pair_prob:
+            portrait = self.portraits[rng.integers(len(self.portraits))]
+            source, lm_source = portrait.image(), portrait.landmarks
+            driving, lm_driving = synthetic_driving(source, lm_source, rng)
+        else:
+            clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
+            i, j = rng.integers(clip.num_frames, size=2)
+            source, driving = clip.frame(i), clip.frame(j)
+            lm_source, lm_driving = np.array(clip.landmarks[i]), np.array(clip.landmarks[j])
+        return self.make_sample(source, driving, lm_source, lm_driving, rng)
+
+    def make_sample(self, source, driving, lm_source, lm_driving, rng) -> dict:
+        matrix = random_framing(self.size, rng)  # the same framing change for both frames
+        source, driving = (
+            cv2.warpAffine(x, matrix, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE) for x in (source, driving)
+        )
+        lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
+        source, driving = colour_jitter([source, driving], rng)
+        hybrid = hybrid_representation(driving, lm_driving)
+        hybrid_source = hybrid_representation(source, lm_source)
+        flow_size = self.resolution // 4
+        flow, mask = mesh_flow(lm_source, lm_driving, self.size, out_size=flow_size)
+        resize = lambda x: cv2.resize(x, (self.resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
+        return {
+            "source": to_tensor(resize(source)),
+            "driving": to_tensor(resize(driving)),
+            "source_hybrid": to_tensor(hybrid_source),
+            "driving_hybrid": to_tensor(hybrid),
+            "mesh_flow": torch.from_numpy(flow),
+            "mesh_mask": torch.from_numpy(mask)[None],
+        }
+
+
+def random_framing(size: int, rng) -> np.ndarray:
+    """Mirror, zoom and shift of the crop (2x3 affine), applied identically to source and driving."""
+    scale = rng.uniform(0.9, 1.1)
+    flip = -1.0 if rng.random() < 0.5 else 1.0
+    shift = rng.uniform(-0.05, 0.05, size=2) * size
+    centre = size / 2
+    return np.array(
+        [[flip * scale, 0, centre - flip * scale * centre + shift[0]], [0, scale, centre - scale * centre + shift[1]]],
+        dtype=np.float64,
+    )
+
+
+def colour_jitter(images: list[np.ndarray], rng) -> list[np.ndarray]:
+    """The same brightness, contrast, saturation and per-channel gain for every image of a pair."""
+    brightness, contrast, saturation = rng.uniform(-0.1, 0.1), rng.uniform(0.8, 1.2), rng.uniform(0.7, 1.3)
+    gains = rng.uniform(0.93, 1.07, size=3)
+    out = []
+    for image in images:
+        x = image.astype(np.float32) / 255
+        grey = x.mean(axis=2, keepdims=True)
+        x = grey + (x - grey) * saturation
+        x = (x - 0.5) * contrast + 0.5 + brightness
+        out.append((np.clip(x * gains, 0, 1) * 255).round().astype(np.uint8))
+    return out
+
+
+def synthetic_driving(image: np.ndarray, landmarks: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The portrait moved by a random small head motion (the whole image) and a random expression change
+    (the face mesh locally: jaw and lips down, mouth corners out or in, eyelids), with its new landmarks."""
+    size = image.shape[0]
+    centre = landmarks[:, :2].mean(axis=0)
+    angle, scale = rng.uniform(-8, 8), rng.uniform(0.95, 1.05)
+    head = cv2.getRotationMatrix2D(tuple(map(float, centre)), angle, scale)
+    head[:, 2] += rng.uniform(-0.04, 0.04, size=2) * size
+    moved = cv2.warpAffine(image, head, (size, size), borderMode=cv2.BORDER_REPLICATE)
+    lm_moved = apply_matrix(landmarks, head)
+
+    xy = lm_moved[:, :2]
+    face_height = np.ptp(xy[:, 1])
+    mouth = xy[[13, 14]].mean(axis=0)  # inner lip midpoints
+    # Below the mouth, points move down in proportion to how far below they are (jaw opening).
+    below = np.clip((xy[:, 1] - mouth[1]) / (0.35 * face_height), 0, 1)
+    target = lm_moved.copy()
+    target[:, 1] += below * rng.uniform(0, 0.08) * face_height
+    # Mouth corners spread or narrow (smile / pucker), fading with distance from the mouth.
+    near_mouth = np.exp(-np.sum((xy - mouth) ** 2, axis=1) / (0.15 * face_height) ** 2)
+    target[:, 0] += near_mouth * (xy[:, 0] - mouth[0]) * rng.uniform(-0.15, 0.2)
+    return mesh_warp(moved, lm_moved, target), target
+
+
+# Models --------------------------------------------------------------------------------------------
+
+
+class Renderer(nn.Module):
+    """The four networks of the face renderer as one module, so that accelerate wraps them together."""
+
+    def __init__(self, components: dict):
+        super().__init__()
+        for name, module in components.items():
+            self.add_module(name, module)
+
+    def forward(self, source, source_hybrid, driving_hybrid):
+        latents = self.motion_encoder(torch.cat([source_hybrid, driving_hybrid]))
+        source_latent, driving_latent = latents.chunk(2)
+        features = self.appearance_encoder(source)
+        flow = self.flow_estimator(source_latent, driving_latent, features)
+        decoded = self.face_decoder(features, flow.flow, flow.occlusion, source)
+        return decoded, flow
+
+
+class PatchDiscriminator(nn.Module):
+    def __init__(self, channels=(32, 64, 128, 256)):
+        super().__init__()
+        layers, in_channels = [], 3
+        for i, out_channels in enumerate(channels):
+            stride = 2 if i < len(channels) - 1 else 1
+            conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(in_channels, out_channels, 4, stride, 1))
+            layers.append(nn.Sequential(conv, nn.LeakyReLU(0.2)))
+            in_channels = out_channels
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.utils.parametrizations.spectral_norm(nn.Conv2d(in_channels, 1, 4, 1, 1))
+
+    def forward(self, image) -> list[torch.Tensor]:
+        features = []
+        for layer in self.layers:
+            image = layer(image)
+            features.append(image)
+        return [*features, self.head(image)]
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """Patch discriminators on the image and on its half-resolution copy; each returns its features and logits."""
+
+    def __init__(self, num_scales: int = 2):
+        super().__init__()
+        self.discriminators = nn.ModuleList(PatchDiscriminator() for _ in range(num_scales))
+
+    def forward(self, image) -> list[list[torch.Tensor]]:
+        outputs = []
+        for discriminator in self.discriminators:
+            outputs.append(discriminator(image))
+            image = F.avg_pool2d(image, 2)
+        return outputs
+
+
+def build_renderer(args) -> dict:
+    if args.init_from:
+        return {name: component_class(name).from_pretrained(args.init_from, subfolder=name) for name in RENDERER}
+    components = {}
+    for name in RENDERER:
+        config = component_config(name, args.renderer)
+        if name == "appearance_encoder":
+            config["sample_size"] = args.resolution
+        components[name] = component_class(name)(**config)
+    return components
+
+
+# Training ------------------------------------------------------------------------------------------
+
+
+def masked_l1(prediction, target, mask):
+    return ((prediction - target).abs() * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1.0)
+
+
+def flow_to_rgb(flow: torch.Tensor) -> np.ndarray:
+    """[2, h, w] flow → uint8 colour image (hue: direction, brightness: magnitude) for the validation grid."""
+    dx, dy = flow[0].float().cpu().numpy(), flow[1].float().cpu().numpy()
+    magnitude, angle = cv2.cartToPolar(dx, dy)
+    hsv = np.zeros((*dx.shape, 3), np.uint8)
+    hsv[..., 0] = (angle * 90 / np.pi).astype(np.uint8)
+    hsv[..., 1] = 255
+    hsv[..., 2] = np.clip(magnitude / 0.2 * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def validate(renderer, batch, step: int, output_dir: Path) -> dict:
+    """Reconstruction figures on fixed validation pairs and a grid image: source | driving | output | flow | blend."""
+    renderer.eval()
+    decoded, flow = renderer(batch["source"], batch["source_hybrid"], batch["driving_hybrid"])
+    renderer.train()
+    output, target = (decoded.sample.clamp(-1, 1) + 1) / 2, (batch["driving"] + 1) / 2
+    size = output.shape[-1]
+    rows = []
+    for k in range(output.shape[0]):
+        tiles = [to_uint8(batch["source"][k]), to_uint8(batch["driving"][k]), to_uint8(decoded.sample[k])]
+        tiles.append(cv2.resize(flow_to_rgb(flow.flow[k]), (size, size), interpolation=cv2.INTER_NEAREST))
+        tiles.append(np.repeat(to_uint8(decoded.blend[k] * 2 - 1), 3, axis=2))
+        rows.append(np.concatenate(tiles, axis=1))
+    grid_dir = output_dir / "validation"
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(grid_dir / f"step-{step:06d}.jpg"), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
+    return {"val_ssim": ssim(output, target).mean().item(), "val_psnr": psnr(output, target).mean().item()}
+
+
+def fixed_validation_batch(data: PreparedDataset, args, count: int = 6) -> dict | None:
+    """Pairs (first frame → a frame further on) spread over the val clips, without augmentation."""
+    clips = [c for c in data.clips(kinds=["talking"], splits=["val"]) if c.num_frames >= 2]
+    if not clips:
+        return None
+    per_clip = -(-count // len(clips))
+    positions = np.linspace(0, 1, per_clip + 2)[1:-1]
+    resize = lambda x: cv2.resize(x, (args.resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
+    samples = []
+    for k in range(count):
+        clip = clips[k % len(clips)]
+        j = max(1, int(positions[k // len(clips)] * (clip.num_frames - 1)))
+        source, driving = clip.frame(0), clip.frame(j)
+        samples.append(
+            {
+                "source": to_tensor(resize(source)),
+                "driving": to_tensor(resize(driving)),
+                "source_hybrid": to_tensor(hybrid_representation(source, np.array(clip.landmarks[0]))),
+                "driving_hybrid": to_tensor(hybrid_representation(driving, np.array(clip.landmarks[j]))),
+            }
+        )
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def export_pipeline(renderer: Renderer, folder: Path, dtype=torch.float16) -> None:
+    """Write the renderer as a stage-1 pipeline folder (no motion model yet; Whisper converted on load)."""
+    components = {name: getattr(renderer, name) for name in RENDERER}
+    pipe = INFPPipeline(
+        audio_encoder=component_class("audio_encoder")(**component_config("audio_encoder", "base")),
+        motion_guider=None,
+        motion_transformer=None,
+        scheduler=make_scheduler(),
+        **components,
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    export_for_hub(pipe, folder, torch_dtype=dtype)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers("head_imitation", config={k: v for k, v in vars(args).items() if v is not None})
+
+    data = PreparedDataset(args.data_dir)
+    # Every index draws its own random pair, so a sequential sampler is enough and shards cleanly across processes.
+    dataset = HeadImitationDataset(
+        data, args.kinds, "train", args.resolution, args.portrait_pair_prob, args.seed,
+        length=args.max_train_steps * args.train_batch_size * accelerator.num_processes,
+    )  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )  # fmt: skip
+    validation_batch = fixed_validation_batch(data, args)
+
+    renderer = Renderer(build_renderer(args))
+    discriminator = MultiScaleDiscriminator()
+    optimizer = torch.optim.AdamW(renderer.parameters(), lr=args.learning_rate, betas=(0.5, 0.999), weight_decay=1e-4)
+    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.999))
+    renderer, discriminator, optimizer, optimizer_d, loader = accelerator.prepare(
+        renderer, discriminator, optimizer, optimizer_d, loader
+    )
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = (
+            latest_checkpoint(output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
+        if path is None:
+            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
+        else:
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            dataset.resumed_at = global_step
+            logger.info("Resumed from %s at step %d", path, global_step)
+
+    logger.info(
+        "Training on %d clips (+%d portraits), %d steps of %d x %d processes",
+        len(dataset.clips), len(dataset.portraits), args.max_train_steps, args.train_batch_size,
+        accelerator.num_processes,
+    )  # fmt: skip
+    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    start, first_step = time.perf_counter(), global_step
+    data_iter = iter(loader)
+    while global_step < args.max_train_steps:
+        batch = next(data_iter)
+        flow_weight = args.flow_weight + (args.flow_weight_final - args.flow_weight) * min(
+            1.0, global_step / max(1, args.max_train_steps)
+        )
+        use_gan = args.gan_weight > 0 and global_step >= args.gan_start_step
+
+        with accelerator.autocast():
+            decoded, flow = renderer(batch["source"], batch["source_hybrid"], batch["driving_hybrid"])
+            output = decoded.sample
+            target = batch["driving"]
+            l1 = F.l1_loss(output, target)
+            ssim_loss = 1 - ssim((output.float().clamp(-1, 1) + 1) / 2, (target.float() + 1) / 2).mean()
+            flow_loss = masked_l1(flow.flow.float(), batch["mesh_flow"], batch["mesh_mask"])
+            loss = l1 + args.ssim_weight * ssim_loss + flow_weight * flow_loss
+            logs = {"l1": l1.item(), "ssim": 1 - ssim_loss.item(), "flow": flow_loss.item()}
+            if use_gan:
+                # One discriminator pass over fake and real halves (DDP wants one forward per backward).
+                scales = discriminator(torch.cat([output, target]))
+                half = output.shape[0]
+                adversarial = sum(-scale[-1][:half].mean() for scale in scales)
+                matching = sum(F.l1_loss(f[:half], f[half:].detach()) for scale in scales for f in scale[:-1])
+                loss = loss + args.gan_weight * adversarial + args.feature_matching_weight * matching
+                logs.update(g_adv=adversarial.item(), feature_matching=matching.item())
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(renderer.parameters(), 1.0)
+        optimizer.step()
+
+        if use_gan:
+            with accelerator.autocast():
+                scales = discriminator(torch.cat([batch["driving"], output.detach()]))
+                half = output.shape[0]
+                loss_d = sum(F.relu(1 - s[-1][:half]).mean() + F.relu(1 + s[-1][half:]).mean() for s in scales)
+            optimizer_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_d)
+            optimizer_d.step()
+            logs["d"] = loss_d.item()
+
+        global_step += 1
+        progress.update(1)
+        logs["loss"] = loss.item()
+        progress.set_postfix(**{k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "ssim", "flow")})
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                existing = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                    shutil.rmtree(old)
+            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            if accelerator.is_main_process:  # the latest renderer, ready for the evaluation command
+                export_pipeline(copy.deepcopy(accelerator.unwrap_model(renderer)), output_dir / "pipeline")
+        if (
+            validation_batch is not None
+            and accelerator.is_main_process
+            and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps)
+        ):
+            device_batch = {k: v.to(accelerator.device) for k, v in validation_batch.items()}
+            figures = validate(accelerator.unwrap_model(renderer), device_batch, global_step, output_dir)
+            elapsed = time.perf_counter() - start
+            logger.info("step %d: %s (%.0f s)", global_step, {k: round(v, 4) for k, v in figures.items()}, elapsed)
+            accelerator.log(figures, step=global_step)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.export_to:
+            export_pipeline(accelerator.unwrap_model(renderer), Path(args.export_to))
+            logger.info("Wrote the renderer pipeline to %s", args.export_to)
+        samples = (global_step - first_step) * args.train_batch_size * accelerator.num_processes
+        logger.info("Done: %d steps in %.1f min (%.1f samples/s)", global_step, (time.perf_counter() - start) / 60,
+                    samples / max(1e-9, time.perf_counter() - start))  # fmt: skip
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
