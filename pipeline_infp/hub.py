@@ -53,7 +53,10 @@ def export_for_hub(
     """
     folder = Path(folder)
     if torch_dtype is not None:
-        pipe = pipe.to(dtype=torch_dtype)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                # nn.Module.to: ModelMixin.to warns about fp32-pinned modules, which these models do not have.
+                torch.nn.Module.to(component, dtype=torch_dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
     if not include_audio_encoder_weights:
         for weights in (folder / "audio_encoder").glob("*.safetensors"):
