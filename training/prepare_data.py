@@ -52,7 +52,7 @@ from pipeline_infp.processing import (
 from pipeline_infp.processing.errors import VideoLoadError
 
 # track_video's crop rule, shared rather than copied: square of the mesh bbox, moving average, warp.
-from pipeline_infp.processing.face import _mesh_square, _moving_average, _square_matrix, _warp
+from pipeline_infp.processing.face import face_square, moving_average, square_matrix, warp_to_crop
 from pipeline_infp.processing.video import VideoStream
 
 logger = logging.getLogger("prepare_data")
@@ -275,7 +275,7 @@ class FaceFollower:
             self.lost += 1
         else:
             self.lost = 0
-            self.previous = np.array(_mesh_square(pts, 1.0))
+            self.previous = np.array(face_square(pts, 1.0))
         return pts
 
     def _largest(self, frame: np.ndarray) -> np.ndarray | None:
@@ -317,8 +317,8 @@ def smooth_matrices(squares: np.ndarray, starts: list[int], size: int, smoothing
     """track_video's rule per shot: centred moving average of the squares over `smoothing` s."""
     window = max(1, round(smoothing * FPS))
     bounds = [0, *starts, len(squares)]
-    smoothed = np.concatenate([_moving_average(squares[a:b], window) for a, b in zip(bounds[:-1], bounds[1:])])
-    return np.stack([_square_matrix(*square, size) for square in smoothed])
+    smoothed = np.concatenate([moving_average(squares[a:b], window) for a, b in zip(bounds[:-1], bounds[1:])])
+    return np.stack([square_matrix(*square, size) for square in smoothed])
 
 
 # --------------------------------------------------------------------------- per item work
@@ -400,7 +400,7 @@ def prepare_clip(item: Item, options: Options, processor: FaceProcessor) -> dict
 
     if kept:
         indices = np.array(kept, dtype=np.int64)
-        squares = np.array([_mesh_square(p, options.scale) for p in points])
+        squares = np.array([face_square(p, options.scale) for p in points])
         starts = shot_starts(indices, squares)
         matrices = smooth_matrices(squares, starts, options.size, options.smoothing)
         # Pass 2: decode again and warp the kept frames.
@@ -410,7 +410,9 @@ def prepare_clip(item: Item, options: Options, processor: FaceProcessor) -> dict
                 if pos == len(kept):
                     break
                 if k == kept[pos]:
-                    _write_jpeg(tmp / "frames" / f"{pos:05d}.jpg", _warp(region(frame), matrices[pos], options.size))
+                    _write_jpeg(
+                        tmp / "frames" / f"{pos:05d}.jpg", warp_to_crop(region(frame), matrices[pos], options.size)
+                    )
                     pos += 1
                     bar.update()
         if pos != len(kept):

@@ -30,6 +30,7 @@ from .face import (
     mouth_aperture,
     paste_back,
 )
+from .mesh_warp import mesh_flow, mesh_triangles, mesh_warp, retarget_landmarks
 from .video import read_audio_track, read_video, write_video
 
 __all__ = [
@@ -52,12 +53,16 @@ __all__ = [
     "is_silent",
     "load_audio",
     "load_image",
+    "mesh_flow",
+    "mesh_triangles",
+    "mesh_warp",
     "mix_tracks",
     "mouth_aperture",
     "pad_to_same_length",
     "paste_back",
     "read_audio_track",
     "read_video",
+    "retarget_landmarks",
     "voice_activity",
     "write_video",
 ]

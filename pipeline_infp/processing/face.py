@@ -7,6 +7,7 @@ import functools
 import logging
 import threading
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,13 @@ def load_image(image: ImageInput) -> np.ndarray:
 # --------------------------------------------------------------------------- crop geometry
 
 
-def _square_matrix(cx: float, cy: float, side: float, size: int) -> np.ndarray:
+def square_matrix(cx: float, cy: float, side: float, size: int) -> np.ndarray:
     """Translation + uniform scale taking the square (centre, side) onto a size x size image."""
     s = size / side
     return np.array([[s, 0.0, size / 2 - s * cx], [0.0, s, size / 2 - s * cy]], dtype=np.float64)
 
 
-def _mesh_square(landmarks: np.ndarray, scale: float) -> tuple[float, float, float]:
+def face_square(landmarks: np.ndarray, scale: float) -> tuple[float, float, float]:
     xy = landmarks[:, :2]
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     cx, cy = (lo + hi) / 2
@@ -139,7 +140,7 @@ def _mesh_square(landmarks: np.ndarray, scale: float) -> tuple[float, float, flo
 def crop_matrix(landmarks: np.ndarray, size: int = 256, scale: float = 1.8) -> np.ndarray:
     """2x3 affine (image -> crop) of the upright square `scale` times the mesh bbox, centred on it.
     No rotation, so head roll remains part of the motion the model has to produce."""
-    return _square_matrix(*_mesh_square(np.asarray(landmarks, dtype=np.float64), scale), size)
+    return square_matrix(*face_square(np.asarray(landmarks, dtype=np.float64), scale), size)
 
 
 def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -152,7 +153,13 @@ def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+def smoothed_crop_matrices(landmarks: list[np.ndarray], size: int, scale: float, window: int) -> np.ndarray:
+    """Crop matrices [T, 2, 3] of a face track whose squares (centre, side) are averaged over `window` frames."""
+    squares = moving_average(np.array([face_square(pts, scale) for pts in landmarks]), window)
+    return np.stack([square_matrix(*square, size) for square in squares])
+
+
+def warp_to_crop(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -250,7 +257,7 @@ class FaceProcessor:
         return boxes
 
     def _mesh_on(self, image: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray | None:
-        matrix = _square_matrix(cx, cy, side, _MESH_INPUT)
+        matrix = square_matrix(cx, cy, side, _MESH_INPUT)
         # Black (not replicated) border: replicated edge streaks can look like face parts.
         patch = cv2.warpAffine(image, matrix, (_MESH_INPUT, _MESH_INPUT), flags=cv2.INTER_LINEAR)
         with self._lock:
@@ -295,7 +302,7 @@ class FaceProcessor:
         except NoFaceDetectedError:
             raise NoFaceDetectedError(f"No face found in the portrait: {NO_FACE_HINT}.") from None
         matrix = crop_matrix(landmarks, size, scale)
-        return FaceCrop(_warp(image, matrix, size), apply_matrix(landmarks, matrix), matrix, image)
+        return FaceCrop(warp_to_crop(image, matrix, size), apply_matrix(landmarks, matrix), matrix, image)
 
     def track_video(
         self, frames: np.ndarray, size: int = 256, scale: float = 1.8, smoothing: float = 0.5, fps: float = 25.0
@@ -306,22 +313,26 @@ class FaceProcessor:
         the crop stays steady while the head still visibly moves inside it. Frames without a
         face are dropped and counted.
         """
-        kept, landmarks, squares = [], [], []
+        kept, landmarks, count = self.track_landmarks(frames)
+        if not kept:
+            raise NoFaceDetectedError(f"No face found in any of the {count} video frames: {NO_FACE_HINT}.")
+        matrices = smoothed_crop_matrices(landmarks, size, scale, max(1, round(smoothing * fps)))
+        crops = np.stack([warp_to_crop(frames[i], m, size) for i, m in zip(kept, matrices)])
+        crop_landmarks = np.stack([apply_matrix(pts, m) for pts, m in zip(landmarks, matrices)])
+        return FaceTrack(crops, crop_landmarks, np.array(kept, dtype=np.int64), count - len(kept), matrices)
+
+    def track_landmarks(self, frames: Iterable[np.ndarray]) -> tuple[list[int], list[np.ndarray], int]:
+        """Mesh landmarks of the largest face of each frame of any iterable (a stream is read once): the
+        indices of the frames with a face, their landmarks, and the number of frames seen."""
+        kept, landmarks, count = [], [], 0
         for i, frame in enumerate(frames):
+            count += 1
             try:
-                pts = self.landmarks(frame)
+                landmarks.append(self.landmarks(frame))
             except NoFaceDetectedError:
                 continue
             kept.append(i)
-            landmarks.append(pts)
-            squares.append(_mesh_square(pts, scale))
-        if not kept:
-            raise NoFaceDetectedError(f"No face found in any of the {len(frames)} video frames: {NO_FACE_HINT}.")
-        squares = _moving_average(np.array(squares), max(1, round(smoothing * fps)))
-        matrices = np.stack([_square_matrix(*square, size) for square in squares])
-        crops = np.stack([_warp(frames[i], m, size) for i, m in zip(kept, matrices)])
-        crop_landmarks = np.stack([apply_matrix(pts, m) for pts, m in zip(landmarks, matrices)])
-        return FaceTrack(crops, crop_landmarks, np.array(kept, dtype=np.int64), len(frames) - len(kept), matrices)
+        return kept, landmarks, count
 
 
 def _tile_starts(length: int) -> list[int]:
@@ -348,7 +359,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(w * h / union) if union > 0 else 0.0
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average along axis 0 with edge padding (no lag, no shrinking at the ends)."""
     window |= 1  # odd, so the average is centred
     if window == 1 or len(values) < 2:

@@ -1,0 +1,302 @@
+"""Dense correspondence between two MediaPipe face meshes.
+
+Two uses: the "mesh warp" baseline of the evaluation (a piecewise-affine warp of the portrait by a
+driving mesh) and the supervision of the renderer's flow estimator (`mesh_flow` gives the backward
+flow a perfect renderer would predict inside the face, in the same normalised convention as
+`pipeline_infp.models.face_decoder.warp`).
+
+Rasterisation is vectorised numpy: every (triangle, pixel) pair inside a triangle's bounding box is
+enumerated at once, barycentric coordinates tell which pixels a triangle covers, and a z-buffer keeps
+the front-most triangle per pixel (MediaPipe's z is smaller nearer the camera), so a turned head never
+maps through the back of the face.
+
+Coordinates: landmarks are pixel coordinates with pixel centres at integers (OpenCV / `apply_matrix`);
+normalised coordinates follow grid_sample(align_corners=False): pixel x ↦ (2x + 1) / w − 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+from .face import _EYE_OUTER_CORNERS
+
+__all__ = ["mesh_flow", "mesh_triangles", "mesh_warp", "retarget_landmarks"]
+
+# Fill triangles (eye and mouth openings) lose z-ties against the real surface by this fraction of the
+# face size, so where a fan overlaps an eyelid the eyelid wins.
+_FILL_Z_BIAS = 0.02
+
+
+def _edge_graph() -> tuple[set[tuple[int, int]], dict[int, set[int]]]:
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    edges = {(min(a, b), max(a, b)) for a, b in fmc.FACEMESH_TESSELATION if a != b}
+    neighbours: dict[int, set[int]] = {}
+    for a, b in edges:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    return edges, neighbours
+
+
+@functools.cache
+def _tessellation() -> np.ndarray:
+    edges, neighbours = _edge_graph()
+    cliques = {tuple(sorted((a, b, c))) for a, b in edges for c in neighbours[a] & neighbours[b]}
+    # A 3-clique is not always a face: three faces fanned round a vertex of degree 3 make their outer
+    # cycle a 3-clique too, lying over them. Drop those (vertex adjacent to all three, every pair a face).
+    faces = []
+    for tri in sorted(cliques):
+        a, b, c = tri
+        hubs = neighbours[a] & neighbours[b] & neighbours[c]
+        covered = any(
+            {tuple(sorted((h, a, b))), tuple(sorted((h, b, c))), tuple(sorted((h, a, c)))} <= cliques
+            and len(neighbours[h]) == 3
+            for h in hubs
+        )
+        if not covered:
+            faces.append(tri)
+    return np.array(faces, dtype=np.int64)
+
+
+def _boundary_cycles(triangles: np.ndarray) -> list[list[int]]:
+    """Closed boundary loops of a triangle mesh (edges used by exactly one triangle), longest first."""
+    count: dict[tuple[int, int], int] = {}
+    for tri in triangles:
+        for i, j in ((0, 1), (1, 2), (0, 2)):
+            edge = (min(tri[i], tri[j]), max(tri[i], tri[j]))
+            count[edge] = count.get(edge, 0) + 1
+    neighbours: dict[int, list[int]] = {}
+    for (a, b), n in count.items():
+        if n == 1:
+            neighbours.setdefault(int(a), []).append(int(b))
+            neighbours.setdefault(int(b), []).append(int(a))
+    cycles, seen = [], set()
+    for start in sorted(neighbours):
+        if start in seen:
+            continue
+        cycle, prev = [start], None
+        while True:
+            nxt = next(n for n in neighbours[cycle[-1]] if n != prev)
+            if nxt == start:
+                break
+            prev = cycle[-1]
+            cycle.append(nxt)
+        seen.update(cycle)
+        cycles.append(cycle)
+    return sorted(cycles, key=len, reverse=True)
+
+
+@functools.cache
+def _hole_fills() -> tuple[np.ndarray, np.ndarray]:
+    """Triangles closing the eye openings (a fan from each iris centre: the eyeball moves with the
+    iris) and the mouth opening (a strip between upper and lower inner lip, corner to corner)."""
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    cycles = _boundary_cycles(_tessellation())
+    eye_sets = {
+        # MediaPipe's refined landmarks list each iris centre just before its 4 contour points.
+        min(i for edge in iris for i in edge) - 1: {i for edge in eye for i in edge}
+        for eye, iris in (
+            (fmc.FACEMESH_LEFT_EYE, fmc.FACEMESH_LEFT_IRIS),
+            (fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_IRIS),
+        )
+    }
+    lips = {i for edge in fmc.FACEMESH_LIPS for i in edge}
+    eyes, mouth = [], []
+    for cycle in cycles[1:]:  # cycles[0] is the face oval
+        centre = next((c for c, ring in eye_sets.items() if set(cycle) <= ring), None)
+        if centre is not None:
+            eyes += [(centre, cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))]
+        elif set(cycle) <= lips and {13, 14} <= set(cycle):
+            # The inner-lip ring: start at the corner half-way between the upper (13) and lower (14) lip
+            # centres (the pair `mouth_aperture` measures), then zig-zag between the two sides.
+            n = len(cycle)
+            gap = (cycle.index(14) - cycle.index(13)) % n
+            ring = np.roll(cycle, -((cycle.index(13) + gap // 2) % n)).tolist()
+            upper = ring[: n // 2 + 1]
+            lower = [ring[0]] + ring[::-1][: n // 2]
+            for k in range(n // 2):
+                for tri in ((upper[k], upper[k + 1], lower[k + 1]), (upper[k], lower[k + 1], lower[k])):
+                    if len(set(tri)) == 3:
+                        mouth.append(tri)
+    return np.array(eyes, dtype=np.int64).reshape(-1, 3), np.array(mouth, dtype=np.int64).reshape(-1, 3)
+
+
+@functools.cache
+def mesh_triangles(fill_eyes: bool = False, fill_mouth: bool = False) -> np.ndarray:
+    """Triangles [F, 3] (int64 vertex indices) of MediaPipe's face mesh, the 3-cliques of its
+    tessellation graph (852 faces over the 468 mesh points; the eye and mouth openings are holes).
+    `fill_eyes` adds fans from the iris centres (needs the 478 refined landmarks), `fill_mouth` a strip
+    across the inner lips. The fills come after the tessellation. Read-only (cached)."""
+    parts = [_tessellation()]
+    eyes, mouth = _hole_fills()
+    if fill_eyes:
+        parts.append(eyes)
+    if fill_mouth:
+        parts.append(mouth)
+    out = np.concatenate(parts)
+    out.setflags(write=False)
+    return out
+
+
+# --------------------------------------------------------------------------- rasterisation
+
+
+def _rasterise(
+    points: np.ndarray, depth: np.ndarray, triangles: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Front-most triangle per pixel centre of a height x width grid.
+
+    points: [N, 2] pixel coords, depth: [N] (smaller = nearer), triangles: [F, 3].
+    Returns (flat pixel indices [P], triangle ids [P], barycentric coordinates [P, 3]).
+    """
+    tri = points[triangles]  # [F, 3, 2]
+    a = tri[:, 0]
+    e1, e2 = tri[:, 1] - a, tri[:, 2] - a
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    lo = np.ceil(tri.min(axis=1) - 1e-6).astype(np.int64)
+    hi = np.floor(tri.max(axis=1) + 1e-6).astype(np.int64)
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, [width - 1, height - 1])
+    nx = np.maximum(hi[:, 0] - lo[:, 0] + 1, 0)
+    ny = np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
+    valid = np.abs(det) > 1e-9
+    counts = np.where(valid, nx * ny, 0)
+    total = int(counts.sum())
+    empty = np.zeros(0, np.int64)
+    if total == 0:
+        return empty, empty, np.zeros((0, 3), np.float64)
+
+    ids = np.repeat(np.arange(len(triangles)), counts)
+    local = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    row_len = nx[ids]
+    px = lo[ids, 0] + local % row_len
+    py = lo[ids, 1] + local // row_len
+
+    dx, dy = px - a[ids, 0], py - a[ids, 1]
+    inv = 1.0 / det[ids]
+    l1 = (dx * e2[ids, 1] - dy * e2[ids, 0]) * inv
+    l2 = (e1[ids, 0] * dy - e1[ids, 1] * dx) * inv
+    l0 = 1.0 - l1 - l2
+    eps = -1e-7  # pixel centres exactly on a shared edge belong to both triangles: no cracks
+    inside = (l0 >= eps) & (l1 >= eps) & (l2 >= eps)
+    ids, px, py = ids[inside], px[inside], py[inside]
+    bary = np.stack([l0[inside], l1[inside], l2[inside]], axis=1)
+    pix = py * width + px
+    z = np.einsum("pk,pk->p", bary, depth[triangles[ids]])
+
+    order = np.lexsort((z, pix))  # by pixel, then nearest first
+    pix, ids, bary = pix[order], ids[order], bary[order]
+    first = np.ones(len(pix), dtype=bool)
+    first[1:] = pix[1:] != pix[:-1]
+    return pix[first], ids[first], bary[first]
+
+
+def _prepare(
+    source_landmarks: np.ndarray, driving_landmarks: np.ndarray, fill_eyes: bool, fill_mouth: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(source xy [N, 2], driving xy [N, 2], driving depth [N], triangles [F, 3]) as float64 / int64."""
+    source = np.asarray(source_landmarks, dtype=np.float64)
+    driving = np.asarray(driving_landmarks, dtype=np.float64)
+    if source.ndim != 2 or source.shape != driving.shape or source.shape[1] not in (2, 3) or len(source) < 468:
+        raise ValueError(
+            f"Expected two landmark arrays shaped [478, 3] (or [468, 3]), got {source.shape} and {driving.shape}."
+        )
+    triangles = mesh_triangles(fill_eyes=fill_eyes and len(source) >= 478, fill_mouth=fill_mouth)
+    depth = driving[:, 2] if driving.shape[1] == 3 else np.zeros(len(driving))
+    return source[:, :2], driving[:, :2], depth, triangles
+
+
+def _front_faces(
+    driving_xy: np.ndarray, depth: np.ndarray, triangles: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_rasterise` with the fill triangles (after the tessellation's) pushed back a little in depth, via
+    their own vertex copies, so the real surface wins where a fill overlaps it."""
+    num_real = len(_tessellation())
+    if len(triangles) == num_real:
+        return _rasterise(driving_xy, depth, triangles, height, width)
+    extra = triangles[num_real:].ravel()
+    span = float(np.ptp(driving_xy, axis=0).max())
+    points = np.concatenate([driving_xy, driving_xy[extra]])
+    depths = np.concatenate([depth, depth[extra] + _FILL_Z_BIAS * span])
+    remapped = np.concatenate([triangles[:num_real], len(driving_xy) + np.arange(extra.size).reshape(-1, 3)])
+    return _rasterise(points, depths, remapped, height, width)
+
+
+def mesh_flow(
+    source_landmarks: np.ndarray,
+    driving_landmarks: np.ndarray,
+    size: int,
+    out_size: int | None = None,
+    *,
+    fill_eyes: bool = True,
+    fill_mouth: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward flow from the driving mesh to the source mesh.
+
+    source_landmarks, driving_landmarks: [478, 3] pixel coords in a `size` x `size` crop.
+    Returns `flow` float32 [2, h, w] (x, y), h = w = out_size or size: for every output pixel covered by
+    the driving mesh, the displacement in normalised [-1, 1] coordinates to the same surface point in the
+    source (0 elsewhere), so that `grid_sample(source, identity_grid + flow, align_corners=False)` — or
+    `face_decoder.warp(source, flow)` — gives the source with the driving geometry; and `mask` float32
+    [h, w], 1 where the driving mesh covers the pixel. The eye openings are covered by iris-centred fans
+    (`fill_eyes`); the mouth opening is left out by default (its inside has no source counterpart when the
+    source's mouth is closed), `fill_mouth=True` stretches the lips across it.
+    """
+    out = int(out_size or size)
+    src_xy, drv_xy, depth, triangles = _prepare(source_landmarks, driving_landmarks, fill_eyes, fill_mouth)
+    # Driving mesh in output pixels (pixel centres at integers at both resolutions).
+    drv_out = (drv_xy + 0.5) * (out / size) - 0.5
+    pix, ids, bary = _front_faces(drv_out, depth, triangles, out, out)
+    src_pix = np.einsum("pk,pkc->pc", bary, src_xy[triangles[ids]])
+    src_norm = (2.0 * src_pix + 1.0) / size - 1.0
+    ys, xs = np.divmod(pix, out)
+    out_norm = (2.0 * np.stack([xs, ys], axis=1) + 1.0) / out - 1.0
+    flow = np.zeros((2, out * out), dtype=np.float32)
+    flow[:, pix] = (src_norm - out_norm).T
+    mask = np.zeros(out * out, dtype=np.float32)
+    mask[pix] = 1.0
+    return flow.reshape(2, out, out), mask.reshape(out, out)
+
+
+def mesh_warp(
+    source_image: np.ndarray,
+    source_landmarks: np.ndarray,
+    driving_landmarks: np.ndarray,
+    *,
+    fill_eyes: bool = True,
+    fill_mouth: bool = True,
+) -> np.ndarray:
+    """The "mesh warp" baseline: the source image (uint8 [H, W, 3]) warped piecewise-affinely so that its
+    face takes the driving mesh's shape. Landmarks are in the source image's pixel coords; pixels outside
+    the driving mesh keep the source pixel. Returns uint8 [H, W, 3] at the source's resolution."""
+    image = np.asarray(source_image)
+    height, width = image.shape[:2]
+    src_xy, drv_xy, depth, triangles = _prepare(source_landmarks, driving_landmarks, fill_eyes, fill_mouth)
+    pix, ids, bary = _front_faces(drv_xy, depth, triangles, height, width)
+    src_pix = np.einsum("pk,pkc->pc", bary, src_xy[triangles[ids]])
+    map_x, map_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    map_x.ravel()[pix] = src_pix[:, 0]
+    map_y.ravel()[pix] = src_pix[:, 1]
+    return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:
+    a, b = _EYE_OUTER_CORNERS
+    return np.linalg.norm(landmarks[..., a, :2] - landmarks[..., b, :2], axis=-1)
+
+
+def retarget_landmarks(
+    portrait_landmarks: np.ndarray, driver_landmarks: np.ndarray, driver_reference: np.ndarray
+) -> np.ndarray:
+    """Move a portrait's mesh by the driver's motion relative to its reference frame, for cross-identity
+    driving: portrait + (driver − reference) · iod(portrait) / iod(reference) (iod: inter-ocular distance,
+    outer eye corners). `driver_landmarks` may be [478, 3] or [T, 478, 3]; returns the same shape, float32."""
+    portrait = np.asarray(portrait_landmarks, dtype=np.float64)
+    driver = np.asarray(driver_landmarks, dtype=np.float64)
+    reference = np.asarray(driver_reference, dtype=np.float64)
+    scale = _inter_ocular(portrait) / max(float(_inter_ocular(reference)), 1e-6)
+    return (portrait + (driver - reference) * scale).astype(np.float32)

@@ -1,0 +1,250 @@
+"""Dense correspondence from two face meshes: triangles, backward flow, the mesh-warp baseline, retargeting."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline_infp.models.face_decoder import warp
+from pipeline_infp.processing import (
+    FaceProcessor,
+    mesh_flow,
+    mesh_triangles,
+    mesh_warp,
+    mouth_aperture,
+    retarget_landmarks,
+)
+from pipeline_infp.processing.face import _region_indices
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def processor():
+    with FaceProcessor() as fp:
+        yield fp
+
+
+@pytest.fixture(scope="module")
+def crop(processor, shared_data):
+    return processor.crop_portrait(shared_data / "portraits" / "liveportrait-source-s1.jpg", size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def landmarks(crop):
+    return crop.landmarks.astype(np.float64)
+
+
+def _edges(triangles):
+    return {tuple(sorted((int(t[i]), int(t[j])))) for t in triangles for i, j in ((0, 1), (1, 2), (0, 2))}
+
+
+def _oval_mask(landmarks, size, grow=0):
+    _, _, oval, _ = _region_indices()
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, [np.round(landmarks[oval, :2]).astype(np.int32)], 1)
+    kernel = np.ones((2 * abs(grow) + 1,) * 2, np.uint8)
+    return (cv2.dilate(mask, kernel) if grow > 0 else cv2.erode(mask, kernel) if grow < 0 else mask).astype(bool)
+
+
+def _to_tensor(image):
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def _to_uint8(tensor):
+    return (tensor[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- triangles
+
+
+def test_triangles_are_the_faces_of_the_tessellation():
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    triangles = mesh_triangles()
+    assert triangles.ndim == 2 and triangles.shape[1] == 3 and 840 <= len(triangles) <= 900
+    assert triangles.min() >= 0 and triangles.max() < 468
+    assert all(len(set(t)) == 3 for t in triangles.tolist())
+    assert len({tuple(sorted(t)) for t in triangles.tolist()}) == len(triangles)
+    tessellation = {tuple(sorted(e)) for e in fmc.FACEMESH_TESSELATION}
+    assert _edges(triangles) == tessellation  # every edge used, no edge invented
+    # A manifold disc with three holes (eyes, mouth): Euler characteristic V - E + F = 1 - 3.
+    vertices = np.unique(triangles)
+    assert len(vertices) - len(tessellation) + len(triangles) == -2
+    edge_use = {}
+    for t in triangles.tolist():
+        for e in _edges([t]):
+            edge_use[e] = edge_use.get(e, 0) + 1
+    assert max(edge_use.values()) == 2
+
+
+def test_filled_mesh_is_a_disc():
+    filled = mesh_triangles(fill_eyes=True, fill_mouth=True)
+    assert np.array_equal(filled[: len(mesh_triangles())], mesh_triangles())
+    assert set(np.unique(filled)) - set(range(468)) == {468, 473}  # the iris centres
+    vertices, edges = np.unique(filled), _edges(filled)
+    assert len(vertices) - len(edges) + len(filled) == 1
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def test_identical_meshes_give_zero_flow_and_cover_the_face(landmarks):
+    flow, mask = mesh_flow(landmarks, landmarks, SIZE, fill_mouth=True)
+    assert flow.shape == (2, SIZE, SIZE) and mask.shape == (SIZE, SIZE)
+    assert flow.dtype == np.float32 and mask.dtype == np.float32
+    assert np.abs(flow).max() < 1e-6
+    covered = mask > 0
+    assert covered[_oval_mask(landmarks, SIZE, grow=-2)].all()  # no cracks or holes inside the face
+    assert not covered[~_oval_mask(landmarks, SIZE, grow=2)].any()
+    assert set(np.unique(mask)) == {0.0, 1.0}
+    # Default: the mouth opening is left out, everything else is the same.
+    _, default_mask = mesh_flow(landmarks, landmarks, SIZE)
+    assert 0 <= (mask - default_mask).sum() < 0.01 * mask.sum() and (default_mask <= mask).all()
+
+
+@pytest.mark.parametrize("out_size", [None, 64])
+def test_translation_gives_constant_flow(landmarks, out_size):
+    shift = np.array([7.0, -4.5, 0.0])
+    flow, mask = mesh_flow(landmarks, landmarks + shift, SIZE, out_size)
+    side = out_size or SIZE
+    assert flow.shape == (2, side, side)
+    inside = mask > 0
+    # Backward flow: the driving pixel looks back at the source, `shift` pixels earlier, in [-1, 1] units.
+    expected = -2 * shift[:2] / SIZE
+    np.testing.assert_allclose(flow[:, inside].T, np.broadcast_to(expected, (inside.sum(), 2)), atol=1e-5)
+    assert np.all(flow[:, ~inside] == 0)
+    # The mask moved with the mesh.
+    _, still = mesh_flow(landmarks, landmarks, SIZE, out_size)
+    ys, xs = np.nonzero(inside)
+    ys0, xs0 = np.nonzero(still > 0)
+    scale = side / SIZE
+    assert abs((xs.mean() - xs0.mean()) - shift[0] * scale) < 0.5 * scale + 0.2
+    assert abs((ys.mean() - ys0.mean()) - shift[1] * scale) < 0.5 * scale + 0.2
+
+
+def _affine(landmarks, angle=8.0, scale=1.1, shift=(6.0, -5.0)):
+    centre = landmarks[:, :2].mean(axis=0)
+    matrix = cv2.getRotationMatrix2D(tuple(centre), angle, scale)
+    matrix[:, 2] += shift
+    out = landmarks.copy()
+    out[:, :2] = landmarks[:, :2] @ matrix[:, :2].T + matrix[:, 2]
+    return out, matrix
+
+
+def test_flow_through_face_decoder_warp_reconstructs_the_driving_geometry(landmarks):
+    driving, matrix = _affine(landmarks)
+    flow, mask = mesh_flow(landmarks, driving, SIZE)
+    # A source image whose pixels hold their own coordinates: warping it shows where each output pixel sampled.
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    coords = torch.from_numpy(np.stack([xs, ys]))[None]
+    sampled = warp(coords, torch.from_numpy(flow)[None])[0].numpy()
+    inverse = cv2.invertAffineTransform(matrix)
+    expected = np.einsum("ij,jhw->ihw", inverse[:, :2], np.stack([xs, ys])) + inverse[:, 2, None, None]
+    inside = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+    error = np.abs(sampled - expected)[:, inside]
+    assert inside.sum() > 10000 and error.max() < 1e-2  # an affine map is reproduced exactly by every triangle
+    # Outside the mesh the flow is zero: the identity.
+    np.testing.assert_allclose(sampled[:, mask == 0], np.stack([xs, ys])[:, mask == 0], atol=1e-3)
+
+
+def test_front_most_triangle_wins(landmarks):
+    # Slide the right half of the face over the left half, once behind it and once in front of it
+    # (MediaPipe's z: smaller is nearer the camera).
+    centre = np.median(landmarks[:, 0])
+    right = landmarks[:, 0] > centre
+    shift = 40.0
+    region = np.zeros((SIZE, SIZE), bool)  # covered by both halves once the right one has moved
+    region[:, int(centre - shift + 8) : int(centre - 8)] = True
+    region &= _oval_mask(landmarks, SIZE, grow=-10)
+    fractions = {}
+    for name, dz in (("behind", 1000.0), ("in front", -1000.0)):
+        driving = landmarks.copy()
+        driving[right, 0] -= shift
+        driving[right, 2] += dz
+        flow, mask = mesh_flow(landmarks, driving, SIZE)
+        assert mask[region].all()
+        # Showing the right half means sampling the source `shift` pixels further right.
+        fractions[name] = (flow[0][region] > shift / SIZE).mean()
+    assert fractions["behind"] < 0.05 and fractions["in front"] > 0.6, fractions
+
+
+def test_mesh_flow_validates_its_input(landmarks):
+    with pytest.raises(ValueError, match="478"):
+        mesh_flow(landmarks[:100], landmarks[:100], SIZE)
+    with pytest.raises(ValueError, match="478"):
+        mesh_flow(landmarks, landmarks[:, :2][None], SIZE)
+
+
+# --------------------------------------------------------------------------- real image
+
+
+def _open_mouth(landmarks, amount):
+    """Drop the lower lip and jaw by `amount` inter-ocular distances, fading out sideways."""
+    iod = np.linalg.norm(landmarks[33, :2] - landmarks[263, :2])
+    lips_mid = (landmarks[13, 1] + landmarks[14, 1]) / 2
+    centre_x = (landmarks[78, 0] + landmarks[308, 0]) / 2
+    below = np.clip((landmarks[:, 1] - lips_mid) / (0.05 * iod) + 0.5, 0, 1)
+    sideways = np.exp(-0.5 * ((landmarks[:, 0] - centre_x) / (0.6 * iod)) ** 2)
+    out = landmarks.copy()
+    out[:, 1] += amount * iod * below * sideways
+    return out
+
+
+def test_warping_a_real_crop_opens_the_mouth(processor, crop, landmarks):
+    target = _open_mouth(landmarks, 0.2)
+    flow, _ = mesh_flow(landmarks, target, SIZE)
+    out = _to_uint8(warp(_to_tensor(crop.image), torch.from_numpy(flow)[None]))
+    before = processor.landmarks(crop.image)
+    after = processor.landmarks(out)
+    assert mouth_aperture(after) > mouth_aperture(before) + 0.07
+    assert abs(mouth_aperture(after) - mouth_aperture(target)) < 0.06
+    # MediaPipe finds the whole mesh where it was moved to.
+    assert np.abs(after[:468, :2] - target[:468, :2]).mean() < 2.0
+    # Far from the mouth the image is untouched.
+    assert np.array_equal(out[:40], crop.image[:40])
+
+
+def test_mesh_warp_matches_the_flow_and_keeps_the_rest(crop, landmarks):
+    driving, _ = _affine(landmarks, angle=5.0, scale=1.05, shift=(3.0, 2.0))
+    out = mesh_warp(crop.image, landmarks, driving)
+    assert out.dtype == np.uint8 and out.shape == crop.image.shape
+    flow, mask = mesh_flow(landmarks, driving, SIZE, fill_mouth=True)
+    reference = _to_uint8(warp(_to_tensor(crop.image), torch.from_numpy(flow)[None]))
+    inside = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+    assert np.abs(out.astype(int) - reference.astype(int))[inside].mean() < 1.0
+    assert np.array_equal(out[mask == 0], crop.image[mask == 0])
+    # Same geometry: the source itself.
+    assert np.array_equal(mesh_warp(crop.image, landmarks, landmarks), crop.image)
+
+
+def test_mesh_warp_works_at_the_full_resolution_of_any_image(crop, landmarks):
+    wide = cv2.copyMakeBorder(crop.image, 10, 30, 50, 0, cv2.BORDER_REFLECT)  # 296 x 306, face off-centre
+    offset = np.array([50.0, 10.0, 0.0])
+    step = np.array([4.0, -3.0, 0.0])
+    out = mesh_warp(wide, landmarks + offset, landmarks + offset + step)
+    assert out.shape == wide.shape
+    assert np.array_equal(out[:, :45], wide[:, :45])
+    # The same warp as on the crop itself, where the face is.
+    on_crop = mesh_warp(crop.image, landmarks, landmarks + step)
+    _, mask = mesh_flow(landmarks, landmarks + step, SIZE, fill_mouth=True)
+    inside = cv2.erode(mask, np.ones((5, 5), np.uint8)) > 0
+    assert np.array_equal(out[10 : 10 + SIZE, 50 : 50 + SIZE][inside], on_crop[inside])
+
+
+# --------------------------------------------------------------------------- retargeting
+
+
+def test_retarget_moves_by_the_scaled_driver_motion(landmarks):
+    portrait = landmarks.astype(np.float32)
+    reference = (landmarks * 0.5 + 20).astype(np.float32)  # a driver with a face half as large
+    np.testing.assert_allclose(retarget_landmarks(portrait, reference, reference), portrait, atol=1e-5)
+    driver = reference + np.array([3.0, -2.0, 1.0], np.float32)
+    moved = retarget_landmarks(portrait, driver, reference)
+    np.testing.assert_allclose(moved - portrait, np.broadcast_to([6.0, -4.0, 2.0], portrait.shape), atol=1e-4)
+    batch = retarget_landmarks(portrait, np.stack([reference, driver]), reference)
+    assert batch.shape == (2, *portrait.shape) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[1], moved, atol=1e-5)
+    # The mouth opens by the same relative amount on the portrait.
+    opened = retarget_landmarks(portrait, _open_mouth(reference, 0.2), reference)
+    assert abs(mouth_aperture(opened) - mouth_aperture(_open_mouth(portrait, 0.2))) < 1e-3
