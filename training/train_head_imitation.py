@@ -16,9 +16,11 @@ Losses: L1, SSIM, the flow loss, and a multi-scale patch discriminator (hinge) w
 
 Run on this machine (one process, minutes):
     python training/train_head_imitation.py --data_dir prepared --output_dir runs/head --config cpu
-Several processes or GPUs (the same script):
-    accelerate launch --num_processes 2 --cpu training/train_head_imitation.py --data_dir prepared ...
+Several processes or GPUs (the same script; on a machine without GPUs the processes train on the CPU over gloo —
+accelerate 1.x's `--cpu --num_processes N` needs MPI, the torchrun-based launcher does not):
+    accelerate launch --multi_gpu --num_processes 2 training/train_head_imitation.py --data_dir prepared ...
     accelerate launch --multi_gpu --num_processes 8 training/train_head_imitation.py --config gpu ...
+    accelerate launch --multi_gpu --num_machines 4 --machine_rank R --main_process_ip HOST ... (several nodes)
 Resume with `--resume_from_checkpoint latest`. The trained renderer is exported as a pipeline folder
 (`<output_dir>/pipeline`, or `--export_to`), which `python -m pipeline_infp.evaluate reenactment` reads.
 """
@@ -395,6 +397,8 @@ def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) form a gloo CPU group.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

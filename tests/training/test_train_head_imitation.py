@@ -86,10 +86,11 @@ def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
 
 
 def test_runs_as_two_processes_with_accelerate(data_dir, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(SCRIPT),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(SCRIPT),
                *tiny_args(data_dir, tmp_path, "--max_train_steps", "2")]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 processes" in result.stderr
+    assert "2 x 2 processes" in result.stderr
+    assert torch.cuda.is_available() or "DistributedType.MULTI_CPU" in result.stderr
     assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "pipeline" / "model_index.json").is_file()
