@@ -83,9 +83,9 @@ class PortraitEncoding:
     image: torch.Tensor
 
 
-def image_to_tensor(image: np.ndarray, device, dtype) -> torch.Tensor:
-    """uint8 [H, W, 3] → [1, 3, H, W] in [-1, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → [B, 3, H, W] in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     return (tensor.to(device=device, dtype=torch.float32) / 127.5 - 1).to(dtype)
 
 
@@ -198,7 +198,7 @@ class INFPPipeline(DiffusionPipeline):
     def encode_portrait(self, face: FaceCrop) -> PortraitEncoding:
         """Everything the renderer needs from the portrait, computed once per video."""
         device, dtype = self._execution_device, self.appearance_encoder.dtype
-        image = image_to_tensor(face.image, device, dtype)
+        image = image_to_tensor(face.image[None], device, dtype)
         latent = self.encode_motion(face.image[None], face.landmarks[None])
         return PortraitEncoding(latent=latent, features=self.appearance_encoder(image), image=image)
 
@@ -207,8 +207,7 @@ class INFPPipeline(DiffusionPipeline):
         """Motion latents [T, latent_dim] of face crops (uint8 [T, S, S, 3]) with their mesh landmarks, from
         INFP's hybrid representation (eyes and lips kept, face outline drawn)."""
         hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(crops, landmarks)])
-        batch = torch.from_numpy(hybrids).permute(0, 3, 1, 2).to(self._execution_device, torch.float32) / 127.5 - 1
-        return self.motion_encoder(batch.to(self.motion_encoder.dtype))
+        return self.motion_encoder(image_to_tensor(hybrids, self._execution_device, self.motion_encoder.dtype))
 
     @torch.no_grad()
     def encode_reference_motion(self, frames: np.ndarray, image_size: int) -> torch.Tensor:

@@ -175,19 +175,23 @@ class HeadImitationDataset(Dataset):
         )
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
         source, driving = colour_jitter([source, driving], rng)
-        hybrid = hybrid_representation(driving, lm_driving)
-        hybrid_source = hybrid_representation(source, lm_source)
-        flow_size = self.resolution // 4
-        flow, mask = mesh_flow(lm_source, lm_driving, self.size, out_size=flow_size)
-        resize = lambda x: cv2.resize(x, (self.resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
+        flow, mask = mesh_flow(lm_source, lm_driving, self.size, out_size=self.resolution // 4)
         return {
-            "source": to_tensor(resize(source)),
-            "driving": to_tensor(resize(driving)),
-            "source_hybrid": to_tensor(hybrid_source),
-            "driving_hybrid": to_tensor(hybrid),
+            **pair_tensors(source, driving, lm_source, lm_driving, self.resolution),
             "mesh_flow": torch.from_numpy(flow),
             "mesh_mask": torch.from_numpy(mask)[None],
         }
+
+
+def pair_tensors(source, driving, lm_source, lm_driving, resolution: int) -> dict:
+    """The renderer's inputs and target for one pair: both frames at `resolution`, both hybrid representations
+    at the crop size (the motion encoder resizes them, as it does in the pipeline)."""
+    return {
+        "source": to_tensor(cv2.resize(source, (resolution,) * 2, interpolation=cv2.INTER_AREA)),
+        "driving": to_tensor(cv2.resize(driving, (resolution,) * 2, interpolation=cv2.INTER_AREA)),
+        "source_hybrid": to_tensor(hybrid_representation(source, lm_source)),
+        "driving_hybrid": to_tensor(hybrid_representation(driving, lm_driving)),
+    }
 
 
 def random_framing(size: int, rng) -> np.ndarray:
@@ -356,20 +360,12 @@ def fixed_validation_batch(data: PreparedDataset, args, count: int = 6) -> dict 
         return None
     per_clip = -(-count // len(clips))
     positions = np.linspace(0, 1, per_clip + 2)[1:-1]
-    resize = lambda x: cv2.resize(x, (args.resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
     samples = []
     for k in range(count):
         clip = clips[k % len(clips)]
         j = max(1, int(positions[k // len(clips)] * (clip.num_frames - 1)))
-        source, driving = clip.frame(0), clip.frame(j)
-        samples.append(
-            {
-                "source": to_tensor(resize(source)),
-                "driving": to_tensor(resize(driving)),
-                "source_hybrid": to_tensor(hybrid_representation(source, np.array(clip.landmarks[0]))),
-                "driving_hybrid": to_tensor(hybrid_representation(driving, np.array(clip.landmarks[j]))),
-            }
-        )
+        landmarks = np.array(clip.landmarks[0]), np.array(clip.landmarks[j])
+        samples.append(pair_tensors(clip.frame(0), clip.frame(j), *landmarks, args.resolution))
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
@@ -388,9 +384,9 @@ def export_pipeline(renderer: Renderer, folder: Path, dtype=torch.float16) -> No
     export_for_hub(pipe, folder, torch_dtype=dtype)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The run's `checkpoint-<step>` folders, oldest first."""
+    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def main(argv=None):
@@ -433,11 +429,10 @@ def main(argv=None):
 
     global_step = 0
     if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
+        if args.resume_from_checkpoint == "latest":
+            path = next(reversed(checkpoints(output_dir)), None)
+        else:
+            path = Path(args.resume_from_checkpoint)
         if path is None:
             logger.info("No checkpoint in %s: starting from scratch.", output_dir)
         else:
@@ -502,7 +497,7 @@ def main(argv=None):
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                existing = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                existing = checkpoints(output_dir)
                 for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
                     shutil.rmtree(old)
             accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
