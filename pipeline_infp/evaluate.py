@@ -6,7 +6,10 @@
 `reenactment` (stage 1, the face renderer):
   * self-reenactment: for every `talking` clip of the `val` split (every talking clip when the manifest's
     split column is empty), the first frame with a face is the source and every later frame drives it;
-    the output is compared with the real frame over the 256² face crop (SSIM, PSNR, L1);
+    the output is compared with the real frame over the 256² face crop (SSIM, PSNR, L1). With `--crop fixed`
+    (default) every frame is cut with the source frame's crop, as the pipeline animates a portrait: the head
+    moves inside a still frame. `--crop tracked` cuts each frame around its own face (smoothed over 0.5 s),
+    so the background moves instead;
   * cross-identity: every `portrait` of the manifest is driven by the first `--cross-frames` frames of each
     of those clips; MediaPipe runs on the output frames, and the driver's and the output's mouth- and
     eye-aperture series are correlated (Pearson), with the fraction of output frames where a face is found.
@@ -50,7 +53,7 @@ from pipeline_infp.processing import (
     eye_aperture,
     mouth_aperture,
 )
-from pipeline_infp.processing.face import smoothed_crop_matrices, warp_to_crop
+from pipeline_infp.processing.face import crop_to_crop, smoothed_crop_matrices, warp_to_crop
 from pipeline_infp.processing.mesh_warp import mesh_warp, retarget_landmarks
 from pipeline_infp.processing.video import VideoStream
 
@@ -229,6 +232,15 @@ class ClipTrack:
     def dropped(self) -> int:
         return self.num_frames - len(self.indices)
 
+    def fixed(self) -> ClipTrack:
+        """The same track cut with its first frame's crop throughout (landmarks moved into that crop)."""
+        first = self.matrices[0]
+        landmarks = np.stack(
+            [apply_matrix(pts, crop_to_crop(m, first)) for pts, m in zip(self.landmarks, self.matrices)]
+        )
+        matrices = np.repeat(first[None], len(self.matrices), axis=0)
+        return ClipTrack(landmarks, matrices, self.indices, self.num_frames, self.size)
+
 
 def track_clip(
     processor: FaceProcessor,
@@ -290,10 +302,11 @@ class Renderer:
         identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         return self.pipe.encode_portrait(FaceCrop(image=crop, landmarks=landmarks, matrix=identity, original=crop))
 
-    def encode_motion(self, crops: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+    def encode_motion(self, crops: np.ndarray, landmarks: np.ndarray, reference: np.ndarray) -> torch.Tensor:
+        """Motion latents of driving crops relative to `reference`, the landmarks of the driver's first frame."""
         return torch.cat(
             [
-                self.pipe.encode_motion(crops[i : i + self.batch_size], landmarks[i : i + self.batch_size])
+                self.pipe.encode_motion(crops[i : i + self.batch_size], landmarks[i : i + self.batch_size], reference)
                 for i in range(0, len(crops), self.batch_size)
             ]
         )
@@ -371,6 +384,8 @@ def self_reenactment(
     max_frames = None if args.max_frames is None else args.max_frames + 1  # the source + up to max_frames
     with timer("self: face tracking"):
         track = track_clip(processor, entry.path, args.size, args.fps, max_frames, progress=args.progress)
+        if args.crop == "fixed":
+            track = track.fixed()
     methods = ["static", "mesh warp"] + (["renderer"] if renderer is not None else [])
     per_frame = {m: {"ssim": [], "psnr": [], "l1": []} for m in methods}
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
@@ -391,7 +406,7 @@ def self_reenactment(
             if renderer is not None:
                 with timer("self: renderer"):
                     outputs["renderer"] = renderer.render(
-                        portrait, renderer.encode_motion(source[None], source_lm[None])
+                        portrait, renderer.encode_motion(source[None], source_lm[None], source_lm)
                     )
             reconstruction = {
                 m: {
@@ -412,7 +427,7 @@ def self_reenactment(
             outputs["mesh warp"] = np.stack([mesh_warp(source, source_lm, lm) for lm in landmarks])
         if renderer is not None:
             with timer("self: renderer"):
-                outputs["renderer"] = renderer.render(portrait, renderer.encode_motion(crops, landmarks))
+                outputs["renderer"] = renderer.render(portrait, renderer.encode_motion(crops, landmarks, source_lm))
         with timer("self: metrics"):
             for method, frames in outputs.items():
                 frames = np.ascontiguousarray(frames)
@@ -456,7 +471,7 @@ def cross_identity(
     latents = None
     if renderer is not None:
         with timer("cross: renderer"):
-            latents = renderer.encode_motion(crops, landmarks)
+            latents = renderer.encode_motion(crops, landmarks, landmarks[0])
     pairs = []
     for portrait in tqdm(portraits, desc=f"cross {clip_id}", unit="portrait", leave=False, disable=not args.progress):
         scores = {}
@@ -617,7 +632,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
     summary = _summarise(clip_results, pairs)
     wall = time.perf_counter() - start
     note = (
-        f"Self-reenactment (SSIM, PSNR, L1 at {args.size}² over the face crop, mean of per-clip means): "
+        f"Self-reenactment (SSIM, PSNR, L1 at {args.size}² over the {args.crop} face crop, mean of per-clip means): "
         f"{len(clip_results)} clips, {sum(c['driving_frames'] for c in clip_results)} driving frames. "
         f"Cross-identity (Pearson correlation of driver vs output mouth/eye aperture measured by MediaPipe, "
         f"mean over pairs; a constant output series counts as 0, so `static` is 0 by construction): "
@@ -639,6 +654,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         "portraits": [p["id"] for p in portraits],
         "settings": {
             "size": args.size,
+            "crop": args.crop,
             "fps": args.fps,
             "max_frames": args.max_frames,
             "cross_frames": args.cross_frames,
@@ -708,6 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--checkpoint", help="pipeline folder (INFPPipeline.from_pretrained); without it only baselines")
     sub.add_argument("--json", help="write every result here")
     sub.add_argument("--size", type=_positive_int, default=256, help="face crop side (default 256)")
+    sub.add_argument(
+        "--crop",
+        choices=["fixed", "tracked"],
+        default="fixed",
+        help="fixed: every frame cut with the source frame's crop (the head moves, as in the pipeline's output); "
+        "tracked: each frame cut around its own face (the background moves). Default fixed",
+    )
     sub.add_argument("--fps", type=float, default=25.0, help="clips are resampled to this rate (default 25)")
     sub.add_argument("--max-frames", type=_positive_int, help="cap on driving frames per clip (default: all)")
     sub.add_argument(

@@ -34,12 +34,15 @@ from pipeline_infp.processing import (
     FaceCrop,
     FaceProcessor,
     SilentAudioError,
+    apply_landmark_offsets,
     check_duration,
     hybrid_representation,
     is_silent,
+    landmark_offsets,
     load_audio,
     mix_tracks,
     pad_to_same_length,
+    prior_flow,
     read_video,
     voice_activity,
 )
@@ -76,11 +79,13 @@ COMPONENT_CLASSES = {
 @dataclass
 class PortraitEncoding:
     """latent: the portrait's motion latent [1, latent_dim]; features: its appearance feature volume;
-    image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution."""
+    image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution;
+    landmarks: its face mesh [478, 3] in crop pixels, which generated motion moves."""
 
     latent: torch.Tensor
     features: torch.Tensor
     image: torch.Tensor
+    landmarks: np.ndarray
 
 
 def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
@@ -200,14 +205,24 @@ class INFPPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.appearance_encoder.dtype
         image = image_to_tensor(face.image[None], device, dtype)
         latent = self.encode_motion(face.image[None], face.landmarks[None])
-        return PortraitEncoding(latent=latent, features=self.appearance_encoder(image), image=image)
+        landmarks = np.asarray(face.landmarks, dtype=np.float32)
+        return PortraitEncoding(
+            latent=latent, features=self.appearance_encoder(image), image=image, landmarks=landmarks
+        )
 
     @torch.no_grad()
-    def encode_motion(self, crops: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
-        """Motion latents [T, latent_dim] of face crops (uint8 [T, S, S, 3]) with their mesh landmarks, from
-        INFP's hybrid representation (eyes and lips kept, face outline drawn)."""
+    def encode_motion(
+        self, crops: np.ndarray, landmarks: np.ndarray, reference_landmarks: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Motion latents [T, latent_dim] of face crops (uint8 [T, S, S, 3]) with their mesh landmarks [T, 478, 3]:
+        the mesh's motion relative to `reference_landmarks` (a frame of the same face with a neutral, closed-mouth
+        expression at best; default: the first frame) and INFP's hybrid representation (eyes and lips kept,
+        face outline drawn). Crops of one sequence must share one crop frame for the motion to include the head's."""
+        reference = landmarks[0] if reference_landmarks is None else reference_landmarks
         hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(crops, landmarks)])
-        return self.motion_encoder(image_to_tensor(hybrids, self._execution_device, self.motion_encoder.dtype))
+        device, dtype = self._execution_device, self.motion_encoder.dtype
+        offsets = torch.from_numpy(landmark_offsets(landmarks, reference)).to(device)
+        return self.motion_encoder(image_to_tensor(hybrids, device, dtype), offsets)
 
     @torch.no_grad()
     def encode_reference_motion(self, frames: np.ndarray, image_size: int) -> torch.Tensor:
@@ -321,6 +336,17 @@ class INFPPipeline(DiffusionPipeline):
 
     # 5. Render -----------------------------------------------------------------------------------
 
+    def prior_flows(self, portrait: PortraitEncoding, motion_latents: torch.Tensor) -> torch.Tensor:
+        """The geometric prior flows [T, 2, s, s] (s: the renderer's working size) that move the portrait's mesh
+        to the meshes the latents decode to."""
+        offsets = self.motion_encoder.decode_landmark_offsets(motion_latents).float().cpu().numpy()
+        size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
+        flows = [
+            prior_flow(portrait.landmarks, apply_landmark_offsets(portrait.landmarks, o), size, working)[0]
+            for o in offsets
+        ]
+        return torch.from_numpy(np.stack(flows)).to(motion_latents.device)
+
     @torch.no_grad()
     def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
@@ -328,7 +354,8 @@ class INFPPipeline(DiffusionPipeline):
         frames = []
         for start in range(0, motion_latents.shape[0], batch_size):
             driving = motion_latents[start : start + batch_size].to(dtype)
-            flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype))
+            prior = self.prior_flows(portrait, driving).to(dtype)
+            flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype), prior)
             image = self.face_decoder(
                 portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
             ).sample

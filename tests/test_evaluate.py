@@ -3,6 +3,7 @@
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ from pipeline_infp.evaluate import (
     ssim,
     track_clip,
 )
-from pipeline_infp.processing import FaceProcessor, read_video
+from pipeline_infp.processing import FaceProcessor, apply_matrix, read_video
 
 C1, C2 = 0.01**2, 0.03**2
 CLIP = "styletalk-feifeili-clip3"  # val, 256x256, 30 fps
@@ -173,6 +174,21 @@ def test_streamed_tracking_matches_read_video_and_track_video(shared_data):
     np.testing.assert_allclose(track.matrices, expected.matrices, atol=1e-9)
 
 
+def test_fixed_crop_track_cuts_every_frame_with_the_first_frames_crop(shared_data):
+    with FaceProcessor() as processor:
+        track = track_clip(processor, shared_data / "video" / f"{CLIP}.mp4", size=128, max_frames=5)
+    fixed = track.fixed()
+    assert np.all(fixed.matrices == track.matrices[0]) and np.array_equal(fixed.indices, track.indices)
+    np.testing.assert_allclose(fixed.landmarks[0], track.landmarks[0], atol=1e-4)
+    # Frame 4's landmarks, mapped back to the video frame, are where tracking found them.
+    frame_pts = lambda pts, m: apply_matrix(pts, cv2.invertAffineTransform(m))  # noqa: E731
+    np.testing.assert_allclose(
+        frame_pts(fixed.landmarks[4], fixed.matrices[4])[:, :2],
+        frame_pts(track.landmarks[4], track.matrices[4])[:, :2],
+        atol=1e-3,
+    )
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -206,6 +222,7 @@ def test_evaluation_json_structure(evaluation):
     assert results["manifest"] == str((tmp / "manifest.csv").resolve())
     assert results["checkpoint"] == str((tmp / "pipe").resolve())
     assert results["settings"]["max_frames"] == 6 and results["settings"]["size"] == 256
+    assert results["settings"]["crop"] == "fixed"
     assert {"platform", "cpu_count", "torch", "device"} <= set(results["machine"])
     assert results["wall_time_s"] > 0 and results["timings_s"]["self: face tracking"] > 0
     for method in ("static", "mesh warp", "renderer"):

@@ -4,9 +4,13 @@ from pipeline_infp.presets import component_class, component_config
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A component of the pipeline built from its tiny preset."""
+    """A component of the pipeline built from its tiny preset (a motion encoder with a landmark basis fitted on
+    random small mesh motions, so its latents move faces)."""
     torch.manual_seed(seed)
-    return component_class(name)(**component_config(name, "tiny")).eval()
+    model = component_class(name)(**component_config(name, "tiny")).eval()
+    if name == "motion_encoder":
+        model.fit_landmark_basis(torch.randn(32, model.config.num_landmarks, 3) * 0.05)
+    return model
 
 
 @torch.no_grad()

@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Stage 1 of INFP: train the face renderer by head imitation (self-reenactment).
 
-A source frame and a driving frame are taken from the same clip. The driving frame enters only
-through its hybrid representation (eyes and lips kept, face outline drawn), which the motion
-encoder turns into a motion latent; the renderer (appearance encoder, flow estimator, warping face
-decoder) must reconstruct the driving frame from the source frame and that latent.
+A source frame and a driving frame are taken from the same clip, the driving frame cut with the source
+frame's crop (the head moves in a still frame, as when the pipeline animates a portrait). The driving
+frame enters only through its motion latent: its face mesh's motion relative to the source (projected on
+principal motions fitted here on the training data) and its hybrid representation (eyes and lips kept,
+face outline drawn). The renderer (appearance encoder, flow estimator, warping face decoder) must
+reconstruct the driving frame from the source frame and that latent.
 
 The data is small (tens of identities), so the script leans on what generalises to unseen faces:
-- the flow estimator is supervised with the dense correspondence given by the two frames' face
-  meshes (a piecewise-affine warp), so it learns geometry rather than identities;
+- the flow estimator starts from the geometric prior flow of the two meshes and learns a correction;
+  it is supervised with the dense correspondence the meshes give (a piecewise-affine warp), so it
+  learns geometry rather than identities;
 - portraits become extra identities through synthetic pairs: the portrait and a copy moved by a
   random head motion and a mesh-guided expression change, whose flow is known exactly;
-- colour, scale, shift and mirror augmentation.
-Losses: L1, SSIM, the flow loss, and a multi-scale patch discriminator (hinge) with feature matching.
+- colour, scale and shift augmentation (no mirroring: it would swap the mesh's left and right points).
+Losses: L1, SSIM, the flow loss, and a multi-scale patch discriminator (hinge) with feature matching,
+over the pixels the driving frame covers.
 
 Run on this machine (one process, minutes):
     python training/train_head_imitation.py --data_dir prepared --output_dir runs/head --config cpu
@@ -48,7 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling reader m
 from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
 from pipeline_infp.metrics import psnr, ssim  # noqa: E402
 from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
-from pipeline_infp.processing import apply_matrix, hybrid_representation, mesh_flow, mesh_warp  # noqa: E402
+from pipeline_infp.processing import (  # noqa: E402
+    apply_landmark_offsets,
+    apply_matrix,
+    hybrid_representation,
+    landmark_offsets,
+    mesh_flow,
+    mesh_warp,
+    prior_flow,
+)
+from pipeline_infp.processing.face import crop_to_crop  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
 
 logger = get_logger(__name__)
@@ -105,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ssim_weight", type=float, default=1.0)
     parser.add_argument("--flow_weight", type=float, default=1.0, help="mesh-flow supervision at the start")
     parser.add_argument("--flow_weight_final", type=float, default=0.1, help="... decayed linearly to this")
+    parser.add_argument(
+        "--basis_samples", type=int, default=20000, help="frame pairs for fitting the motion encoder's landmark basis"
+    )
     parser.add_argument("--feature_matching_weight", type=float, default=1.0)
     parser.add_argument("--portrait_pair_prob", type=float, default=0.2, help="share of synthetic portrait pairs")
     parser.add_argument("--kinds", nargs="+", default=["talking", "dyadic-split", "nonverbal", "talking-generated"])
@@ -151,9 +167,26 @@ class HeadImitationDataset(Dataset):
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
         cv2.setNumThreads(1)  # loader workers share the cores with the training process
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
+        self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
 
     def __len__(self) -> int:
         return self.length
+
+    def random_clip_pair(self, rng) -> tuple:
+        """(clip, i, j): two frames of one clip drawn in proportion to clip length."""
+        clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
+        i, j = rng.integers(clip.num_frames, size=2)
+        return clip, i, j
+
+    def landmark_offset_samples(self, count: int, seed: int) -> np.ndarray:
+        """Driving-mesh offsets [count, N, 3] of random pairs (the motion encoder's basis is fitted on them)."""
+        rng = np.random.default_rng((seed, 1))
+        samples = []
+        for _ in range(count):
+            clip, i, j = self.random_clip_pair(rng)
+            reframe = crop_to_crop(clip.matrices[j], clip.matrices[i])
+            samples.append(landmark_offsets(apply_matrix(clip.landmarks[j], reframe), clip.landmarks[i]))
+        return np.stack(samples)
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, self.resumed_at, index))
@@ -161,47 +194,71 @@ class HeadImitationDataset(Dataset):
             portrait = self.portraits[rng.integers(len(self.portraits))]
             source, lm_source = portrait.image(), portrait.landmarks
             driving, lm_driving = synthetic_driving(source, lm_source, rng)
+            valid = np.full(source.shape[:2], 255, np.uint8)
         else:
-            clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
-            i, j = rng.integers(clip.num_frames, size=2)
-            source, driving = clip.frame(i), clip.frame(j)
-            lm_source, lm_driving = np.array(clip.landmarks[i]), np.array(clip.landmarks[j])
-        return self.make_sample(source, driving, lm_source, lm_driving, rng)
+            clip, i, j = self.random_clip_pair(rng)
+            source, lm_source = clip.frame(i), np.array(clip.landmarks[i])
+            driving, lm_driving, valid = reframe(
+                clip.frame(j), np.array(clip.landmarks[j]), clip.matrices[j], clip.matrices[i]
+            )
+        return self.make_sample(source, driving, lm_source, lm_driving, valid, rng)
 
-    def make_sample(self, source, driving, lm_source, lm_driving, rng) -> dict:
+    def make_sample(self, source, driving, lm_source, lm_driving, valid, rng) -> dict:
         matrix = random_framing(self.size, rng)  # the same framing change for both frames
         source, driving = (
             cv2.warpAffine(x, matrix, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE) for x in (source, driving)
         )
+        valid = cv2.warpAffine(valid, matrix, (self.size,) * 2, flags=cv2.INTER_NEAREST)
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
         source, driving = colour_jitter([source, driving], rng)
-        flow, mask = mesh_flow(lm_source, lm_driving, self.size, out_size=self.resolution // 4)
-        return {
-            **pair_tensors(source, driving, lm_source, lm_driving, self.resolution),
-            "mesh_flow": torch.from_numpy(flow),
-            "mesh_mask": torch.from_numpy(mask)[None],
-        }
+        return pair_tensors(source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis)
 
 
-def pair_tensors(source, driving, lm_source, lm_driving, resolution: int) -> dict:
-    """The renderer's inputs and target for one pair: both frames at `resolution`, both hybrid representations
-    at the crop size (the motion encoder resizes them, as it does in the pipeline)."""
+def reframe(driving, lm_driving, driving_matrix, source_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A driving crop moved into the source frame's crop: (image, landmarks, valid mask uint8 0/255). Pixels the
+    driving crop does not cover are black and invalid (eroded by 2 px against interpolated borders)."""
+    size = driving.shape[0]
+    matrix = crop_to_crop(driving_matrix, source_matrix)
+    image = cv2.warpAffine(driving, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    valid = cv2.warpAffine(np.full((size, size), 255, np.uint8), matrix, (size, size), flags=cv2.INTER_NEAREST)
+    valid = cv2.erode(valid, np.ones((5, 5), np.uint8))
+    return image, apply_matrix(lm_driving, matrix), valid
+
+
+def pair_tensors(source, driving, lm_source, lm_driving, valid, resolution: int, landmark_basis=None) -> dict:
+    """The renderer's inputs, target and supervision for one pair: both frames and the valid mask at `resolution`,
+    both hybrid representations at the crop size (the motion encoder resizes them, as in the pipeline), the
+    driving mesh's offsets from the source's, the prior flow of the mesh the motion encoder can represent
+    (offsets projected on `landmark_basis` [k, N·3] when given) and the exact mesh flow with its mask."""
+    size = source.shape[0]
+    offsets = landmark_offsets(lm_driving, lm_source)
+    encodable = lm_driving
+    if landmark_basis is not None:
+        projected = (offsets.reshape(-1) @ landmark_basis.T) @ landmark_basis
+        encodable = apply_landmark_offsets(lm_source, projected.reshape(offsets.shape))
+    prior, _ = prior_flow(lm_source, encodable, size, resolution)
+    flow, mask = mesh_flow(lm_source, lm_driving, size, out_size=resolution)
+    resize = lambda x: cv2.resize(x, (resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
     return {
-        "source": to_tensor(cv2.resize(source, (resolution,) * 2, interpolation=cv2.INTER_AREA)),
-        "driving": to_tensor(cv2.resize(driving, (resolution,) * 2, interpolation=cv2.INTER_AREA)),
+        "source": to_tensor(resize(source)),
+        "driving": to_tensor(resize(driving)),
+        "valid": torch.from_numpy((resize(valid) > 127).astype(np.float32))[None],
         "source_hybrid": to_tensor(hybrid_representation(source, lm_source)),
         "driving_hybrid": to_tensor(hybrid_representation(driving, lm_driving)),
+        "driving_offsets": torch.from_numpy(offsets),
+        "prior_flow": torch.from_numpy(prior),
+        "mesh_flow": torch.from_numpy(flow),
+        "mesh_mask": torch.from_numpy(mask)[None],
     }
 
 
 def random_framing(size: int, rng) -> np.ndarray:
-    """Mirror, zoom and shift of the crop (2x3 affine), applied identically to source and driving."""
+    """Zoom and shift of the crop (2x3 affine), applied identically to source and driving."""
     scale = rng.uniform(0.9, 1.1)
-    flip = -1.0 if rng.random() < 0.5 else 1.0
     shift = rng.uniform(-0.05, 0.05, size=2) * size
     centre = size / 2
     return np.array(
-        [[flip * scale, 0, centre - flip * scale * centre + shift[0]], [0, scale, centre - scale * centre + shift[1]]],
+        [[scale, 0, centre - scale * centre + shift[0]], [0, scale, centre - scale * centre + shift[1]]],
         dtype=np.float64,
     )
 
@@ -255,11 +312,12 @@ class Renderer(nn.Module):
         for name, module in components.items():
             self.add_module(name, module)
 
-    def forward(self, source, source_hybrid, driving_hybrid):
-        latents = self.motion_encoder(torch.cat([source_hybrid, driving_hybrid]))
+    def forward(self, source, source_hybrid, driving_hybrid, driving_offsets, prior_flow):
+        offsets = torch.cat([torch.zeros_like(driving_offsets), driving_offsets])  # the source is its own reference
+        latents = self.motion_encoder(torch.cat([source_hybrid, driving_hybrid]), offsets)
         source_latent, driving_latent = latents.chunk(2)
         features = self.appearance_encoder(source)
-        flow = self.flow_estimator(source_latent, driving_latent, features)
+        flow = self.flow_estimator(source_latent, driving_latent, features, prior_flow)
         decoded = self.face_decoder(features, flow.flow, flow.occlusion, source)
         return decoded, flow
 
@@ -314,6 +372,17 @@ def build_renderer(args) -> dict:
 # Training ------------------------------------------------------------------------------------------
 
 
+def render_batch(renderer, batch):
+    return renderer(
+        batch["source"], batch["source_hybrid"], batch["driving_hybrid"], batch["driving_offsets"], batch["prior_flow"]
+    )
+
+
+def fill_invalid(target, output, valid):
+    """The target with the output (detached) where the driving frame has no pixels, so losses ignore those."""
+    return target * valid + output.detach() * (1 - valid)
+
+
 def masked_l1(prediction, target, mask):
     return ((prediction - target).abs() * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1.0)
 
@@ -337,9 +406,10 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 def validate(renderer, batch, step: int, output_dir: Path) -> dict:
     """Reconstruction figures on fixed validation pairs and a grid image: source | driving | output | flow | blend."""
     renderer.eval()
-    decoded, flow = renderer(batch["source"], batch["source_hybrid"], batch["driving_hybrid"])
+    decoded, flow = render_batch(renderer, batch)
     renderer.train()
-    output, target = (decoded.sample.clamp(-1, 1) + 1) / 2, (batch["driving"] + 1) / 2
+    output = (decoded.sample.clamp(-1, 1) + 1) / 2
+    target = (fill_invalid(batch["driving"], decoded.sample, batch["valid"]).clamp(-1, 1) + 1) / 2
     size = output.shape[-1]
     rows = []
     for k in range(output.shape[0]):
@@ -353,8 +423,9 @@ def validate(renderer, batch, step: int, output_dir: Path) -> dict:
     return {"val_ssim": ssim(output, target).mean().item(), "val_psnr": psnr(output, target).mean().item()}
 
 
-def fixed_validation_batch(data: PreparedDataset, args, count: int = 6) -> dict | None:
-    """Pairs (first frame → a frame further on) spread over the val clips, without augmentation."""
+def fixed_validation_batch(data: PreparedDataset, args, landmark_basis, count: int = 6) -> dict | None:
+    """Pairs (first frame → a frame further on, in the first frame's crop) spread over the val clips, without
+    augmentation."""
     clips = [c for c in data.clips(kinds=["talking"], splits=["val"]) if c.num_frames >= 2]
     if not clips:
         return None
@@ -364,8 +435,14 @@ def fixed_validation_batch(data: PreparedDataset, args, count: int = 6) -> dict 
     for k in range(count):
         clip = clips[k % len(clips)]
         j = max(1, int(positions[k // len(clips)] * (clip.num_frames - 1)))
-        landmarks = np.array(clip.landmarks[0]), np.array(clip.landmarks[j])
-        samples.append(pair_tensors(clip.frame(0), clip.frame(j), *landmarks, args.resolution))
+        driving, lm_driving, valid = reframe(
+            clip.frame(j), np.array(clip.landmarks[j]), clip.matrices[j], clip.matrices[0]
+        )
+        samples.append(
+            pair_tensors(
+                clip.frame(0), driving, np.array(clip.landmarks[0]), lm_driving, valid, args.resolution, landmark_basis
+            )
+        )
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
@@ -417,9 +494,11 @@ def main(argv=None):
         dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
         drop_last=True,
     )  # fmt: skip
-    validation_batch = fixed_validation_batch(data, args)
-
     renderer = Renderer(build_renderer(args))
+    if not args.init_from and not args.resume_from_checkpoint:
+        samples = torch.from_numpy(dataset.landmark_offset_samples(args.basis_samples, args.seed))
+        kept = renderer.motion_encoder.fit_landmark_basis(samples)
+        logger.info("Landmark basis fitted on %d pairs: it keeps %.2f%% of the motion", len(samples), 100 * kept)
     discriminator = MultiScaleDiscriminator()
     optimizer = torch.optim.AdamW(renderer.parameters(), lr=args.learning_rate, betas=(0.5, 0.999), weight_decay=1e-4)
     optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.999))
@@ -440,6 +519,8 @@ def main(argv=None):
             global_step = int(path.name.split("-")[1])
             dataset.resumed_at = global_step
             logger.info("Resumed from %s at step %d", path, global_step)
+    dataset.landmark_basis = accelerator.unwrap_model(renderer).motion_encoder.landmark_basis.cpu().numpy()
+    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis)
 
     logger.info(
         "Training on %d clips (+%d portraits), %d steps of %d x %d processes",
@@ -457,9 +538,9 @@ def main(argv=None):
         use_gan = args.gan_weight > 0 and global_step >= args.gan_start_step
 
         with accelerator.autocast():
-            decoded, flow = renderer(batch["source"], batch["source_hybrid"], batch["driving_hybrid"])
+            decoded, flow = render_batch(renderer, batch)
             output = decoded.sample
-            target = batch["driving"]
+            target = fill_invalid(batch["driving"], output, batch["valid"])
             l1 = F.l1_loss(output, target)
             ssim_loss = 1 - ssim((output.float().clamp(-1, 1) + 1) / 2, (target.float() + 1) / 2).mean()
             flow_loss = masked_l1(flow.flow.float(), batch["mesh_flow"], batch["mesh_mask"])
@@ -480,7 +561,7 @@ def main(argv=None):
 
         if use_gan:
             with accelerator.autocast():
-                scales = discriminator(torch.cat([batch["driving"], output.detach()]))
+                scales = discriminator(torch.cat([target, output.detach()]))
                 half = output.shape[0]
                 loss_d = sum(F.relu(1 - s[-1][:half]).mean() + F.relu(1 + s[-1][half:]).mean() for s in scales)
             optimizer_d.zero_grad(set_to_none=True)

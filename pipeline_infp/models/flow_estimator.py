@@ -1,11 +1,12 @@
 """Motion flow estimator F of INFP's face renderer.
 
-From the source and driving motion latents it predicts a dense backward flow (for every pixel of
-the output, where to sample the source feature volume) and an occlusion map. The source features
-are an input too, so the flow can follow this particular face's layout; the motion latents enter
-through scale-shift modulation of every residual block. The flow is returned explicitly, in
-normalised [-1, 1] image coordinates, so training can supervise it with mesh correspondences and
-tools can visualise it.
+It predicts a dense backward flow (for every pixel of the output, where to sample the source) and an
+occlusion map. It starts from the geometric prior flow that the motion latents' mesh gives
+(`processing.prior_flow`, computed by the pipeline) and adds a learned correction at the feature
+resolution: what the mesh misses (hair, neck, shoulders, the inside of the mouth, landmark error). The
+source features and the prior are its inputs, so the correction follows this face's layout; the motion
+latents enter through scale-shift modulation of every residual block. The flow is returned explicitly,
+in normalised [-1, 1] image coordinates, at the prior's resolution.
 """
 
 from dataclasses import dataclass
@@ -50,8 +51,8 @@ class FlowEstimator(ModelMixin, ConfigMixin):
         self.motion_embed = nn.Sequential(
             nn.Linear(3 * latent_dim, motion_embed_dim), nn.SiLU(), nn.Linear(motion_embed_dim, motion_embed_dim)
         )
-        # +2 input channels: the coordinate grid, so the flow can depend on position.
-        self.conv_in = nn.Conv2d(feature_channels + 2, block_channels[0], kernel_size=3, padding=1)
+        # +2 input channels: the coordinate grid, so the flow can depend on position; +2: the prior flow.
+        self.conv_in = nn.Conv2d(feature_channels + 4, block_channels[0], kernel_size=3, padding=1)
 
         def block(cin, cout, **kwargs):
             return ResnetBlock2D(
@@ -76,7 +77,7 @@ class FlowEstimator(ModelMixin, ConfigMixin):
             channels = skip
         self.norm_out = nn.GroupNorm(norm_groups, channels)
         self.conv_out = nn.Conv2d(channels, 3, kernel_size=3, padding=1)
-        # Start from the identity warp with everything visible, so early training reconstructs the source.
+        # Start from the prior flow with everything visible.
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         with torch.no_grad():
@@ -87,8 +88,10 @@ class FlowEstimator(ModelMixin, ConfigMixin):
         source_latent: torch.Tensor,
         driving_latent: torch.Tensor,
         source_features: torch.Tensor,
+        prior_flow: torch.Tensor,
         return_dict: bool = True,
     ) -> FlowEstimatorOutput | tuple:
+        """prior_flow: [B, 2, h, w] at any resolution (the output's); the others as in the pipeline's `render`."""
         if source_latent.shape[0] != driving_latent.shape[0]:
             source_latent = source_latent.expand(driving_latent.shape[0], -1)
         if source_features.shape[0] != driving_latent.shape[0]:
@@ -96,7 +99,9 @@ class FlowEstimator(ModelMixin, ConfigMixin):
         motion = self.motion_embed(torch.cat([source_latent, driving_latent, driving_latent - source_latent], dim=-1))
         batch, _, height, width = source_features.shape
         grid = identity_grid(batch, height, width, source_features.device, source_features.dtype)
-        hidden = self.conv_in(torch.cat([source_features, grid], dim=1))
+        prior = prior_flow.to(source_features.dtype)
+        coarse_prior = F.interpolate(prior, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        hidden = self.conv_in(torch.cat([source_features, grid, coarse_prior], dim=1))
         skips = []
         for block in self.down_blocks:
             hidden = block(hidden, motion)
@@ -107,7 +112,8 @@ class FlowEstimator(ModelMixin, ConfigMixin):
             hidden = F.interpolate(hidden, size=skip.shape[-2:], mode="nearest")
             hidden = block(torch.cat([hidden, skip], dim=1), motion)
         out = self.conv_out(F.silu(self.norm_out(hidden)))
-        flow, occlusion = out[:, :2], torch.sigmoid(out[:, 2:3])
+        correction = F.interpolate(out[:, :2], size=prior.shape[-2:], mode="bilinear", align_corners=False)
+        flow, occlusion = prior + correction, torch.sigmoid(out[:, 2:3])
         if not return_dict:
             return flow, occlusion
         return FlowEstimatorOutput(flow=flow, occlusion=occlusion)

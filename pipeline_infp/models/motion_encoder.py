@@ -1,8 +1,13 @@
 """Motion encoder E_m of INFP's head imitation stage.
 
-It sees only the hybrid facial representation (eyes and lips kept, everything else masked, face
-outline points drawn on top), so the 1-D latent it produces carries pose and expression but not
-identity, hair or background. Both training stages and the pipeline share this latent space.
+The latent it produces has two parts, both free of identity:
+- geometry: the face mesh's motion relative to a reference frame of the same face (offsets in units of
+  the inter-ocular distance, `processing.landmark_offsets`) projected on a fixed basis of principal
+  motions fitted on the training data (`fit_landmark_basis`). It decodes back to the mesh exactly up
+  to the basis's truncation, which is what lets the renderer move any face precisely;
+- appearance of the moving parts: a CNN over INFP's hybrid facial representation (eyes and lips kept,
+  everything else masked, face outline drawn), for what a mesh does not say (teeth, gaze, eyelid shading).
+Both training stages and the pipeline share this latent space.
 """
 
 import torch
@@ -14,7 +19,8 @@ from torch import nn
 
 
 class MotionEncoder(ModelMixin, ConfigMixin):
-    """Hybrid representation image [B, 3, H, W] in [-1, 1] → motion latent [B, latent_dim]."""
+    """(hybrid representation [B, 3, H, W] in [-1, 1], landmark offsets [B, N, 3]) → motion latent [B, latent_dim];
+    the first `landmark_components` values are the geometry, the rest the hybrid representation's features."""
 
     @register_to_config
     def __init__(
@@ -23,9 +29,13 @@ class MotionEncoder(ModelMixin, ConfigMixin):
         input_size: int = 128,
         block_channels: tuple[int, ...] = (32, 64, 128, 256, 256),
         latent_dim: int = 64,
+        landmark_components: int = 48,
+        num_landmarks: int = 478,
         norm_groups: int = 8,
     ):
         super().__init__()
+        if not 0 < landmark_components < latent_dim:
+            raise ValueError(f"landmark_components must be in [1, latent_dim), got {landmark_components}.")
         self.conv_in = nn.Conv2d(in_channels, block_channels[0], kernel_size=3, padding=1)
         blocks, channels = [], block_channels[0]
         for out_channels in block_channels:
@@ -38,9 +48,33 @@ class MotionEncoder(ModelMixin, ConfigMixin):
         self.down_blocks = nn.ModuleList(blocks)
         spatial = input_size // 2 ** len(block_channels)
         self.norm_out = nn.GroupNorm(norm_groups, channels)
-        self.proj_out = nn.Linear(channels * spatial * spatial, latent_dim)
+        self.proj_out = nn.Linear(channels * spatial * spatial, latent_dim - landmark_components)
+        # Orthonormal rows over the flattened (x, y, z) offsets, and each component's spread, so latents are ~unit.
+        # Zero until `fit_landmark_basis`: an unfitted encoder sees no geometric motion at all.
+        self.register_buffer("landmark_basis", torch.zeros(landmark_components, num_landmarks * 3))
+        self.register_buffer("landmark_scale", torch.ones(landmark_components))
 
-    def forward(self, hybrid: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def fit_landmark_basis(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Principal motions of sample offsets [M, N, 3] (about zero: no motion stays the zero latent).
+        Returns the fraction of the offsets' energy the basis keeps."""
+        flat = offsets.reshape(len(offsets), -1).double()
+        _, singular, vh = torch.linalg.svd(flat, full_matrices=False)
+        k = self.config.landmark_components
+        self.landmark_basis.copy_(vh[:k].to(self.landmark_basis))
+        self.landmark_scale.copy_((singular[:k] / len(flat) ** 0.5).clamp_min(1e-6).to(self.landmark_scale))
+        return (singular[:k].square().sum() / singular.square().sum().clamp_min(1e-12)).float()
+
+    def encode_landmark_offsets(self, offsets: torch.Tensor) -> torch.Tensor:
+        """[B, N, 3] → geometric latent [B, landmark_components]."""
+        return offsets.flatten(1).to(self.landmark_basis) @ self.landmark_basis.T / self.landmark_scale
+
+    def decode_landmark_offsets(self, latents: torch.Tensor) -> torch.Tensor:
+        """Motion latents [B, latent_dim] → landmark offsets [B, N, 3]."""
+        geometry = latents[:, : self.config.landmark_components].to(self.landmark_basis)
+        return ((geometry * self.landmark_scale) @ self.landmark_basis).reshape(len(latents), -1, 3)
+
+    def forward(self, hybrid: torch.Tensor, landmark_offsets: torch.Tensor) -> torch.Tensor:
         size = self.config.input_size
         if hybrid.shape[-2:] != (size, size):
             hybrid = F.interpolate(hybrid, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -48,12 +82,16 @@ class MotionEncoder(ModelMixin, ConfigMixin):
         for block in self.down_blocks:
             hidden = block(hidden, None)
         hidden = F.silu(self.norm_out(hidden))
-        return self.proj_out(hidden.flatten(1))
+        appearance = self.proj_out(hidden.flatten(1))
+        geometry = self.encode_landmark_offsets(landmark_offsets).to(appearance.dtype)
+        return torch.cat([geometry, appearance], dim=1)
 
 
 def base_config() -> dict:
-    return dict(input_size=128, block_channels=(32, 64, 128, 256, 256), latent_dim=64, norm_groups=8)
+    return dict(
+        input_size=128, block_channels=(32, 64, 128, 256, 256), latent_dim=64, landmark_components=48, norm_groups=8
+    )
 
 
 def tiny_config() -> dict:
-    return dict(input_size=32, block_channels=(8, 16), latent_dim=8, norm_groups=4)
+    return dict(input_size=32, block_channels=(8, 16), latent_dim=8, landmark_components=4, norm_groups=4)

@@ -30,7 +30,15 @@ from .face import (
     mouth_aperture,
     paste_back,
 )
-from .mesh_warp import mesh_flow, mesh_triangles, mesh_warp, retarget_landmarks
+from .mesh_warp import (
+    apply_landmark_offsets,
+    landmark_offsets,
+    mesh_flow,
+    mesh_triangles,
+    mesh_warp,
+    prior_flow,
+    retarget_landmarks,
+)
 from .video import read_audio_track, read_video, write_video
 
 __all__ = [
@@ -45,12 +53,14 @@ __all__ = [
     "NoFaceDetectedError",
     "SilentAudioError",
     "VideoLoadError",
+    "apply_landmark_offsets",
     "apply_matrix",
     "check_duration",
     "crop_matrix",
     "eye_aperture",
     "hybrid_representation",
     "is_silent",
+    "landmark_offsets",
     "load_audio",
     "load_image",
     "mesh_flow",
@@ -60,6 +70,7 @@ __all__ = [
     "mouth_aperture",
     "pad_to_same_length",
     "paste_back",
+    "prior_flow",
     "read_audio_track",
     "read_video",
     "retarget_landmarks",

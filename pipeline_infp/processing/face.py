@@ -153,6 +153,13 @@ def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def crop_to_crop(from_matrix: np.ndarray, to_matrix: np.ndarray) -> np.ndarray:
+    """2x3 affine from the pixels of one crop of a frame to those of another crop of it (both given as
+    frame → crop matrices): to · from⁻¹."""
+    square = lambda m: np.vstack([m, [0.0, 0.0, 1.0]])  # noqa: E731
+    return (square(to_matrix) @ np.linalg.inv(square(from_matrix)))[:2]
+
+
 def smoothed_crop_matrices(landmarks: list[np.ndarray], size: int, scale: float, window: int) -> np.ndarray:
     """Crop matrices [T, 2, 3] of a face track whose squares (centre, side) are averaged over `window` frames."""
     squares = moving_average(np.array([face_square(pts, scale) for pts in landmarks]), window)

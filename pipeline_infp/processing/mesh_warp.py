@@ -23,7 +23,15 @@ import numpy as np
 
 from .face import _EYE_OUTER_CORNERS
 
-__all__ = ["mesh_flow", "mesh_triangles", "mesh_warp", "retarget_landmarks"]
+__all__ = [
+    "apply_landmark_offsets",
+    "landmark_offsets",
+    "mesh_flow",
+    "mesh_triangles",
+    "mesh_warp",
+    "prior_flow",
+    "retarget_landmarks",
+]
 
 # Fill triangles (eye and mouth openings) lose z-ties against the real surface by this fraction of the
 # face size, so where a fan overlaps an eyelid the eyelid wins.
@@ -284,9 +292,50 @@ def mesh_warp(
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
+def prior_flow(
+    source_landmarks: np.ndarray,
+    driving_landmarks: np.ndarray,
+    size: int,
+    out_size: int | None = None,
+    *,
+    spread: float = 0.08,
+    reach: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The renderer's geometric prior: `mesh_flow` (lips stretched across the mouth) inside the driving
+    mesh, carried outwards over hair, ears and neck and fading to no motion further away.
+
+    Outside the mesh the flow is a normalised Gaussian average of the mesh's flow (σ = `spread` × the output
+    side), weighted by how much mesh lies near (full weight where the blurred mesh mask reaches `reach`), so
+    the background of a fixed crop stays put. On the val clips with MediaPipe's own driving meshes this warp
+    alone scores SSIM 0.80 / PSNR 22.7 dB, against 0.77 / 21.8 dB with no motion outside the mesh.
+    Returns (flow float32 [2, h, w], mesh mask float32 [h, w]) as `mesh_flow`.
+    """
+    flow, mask = mesh_flow(source_landmarks, driving_landmarks, size, out_size, fill_mouth=True)
+    sigma = spread * mask.shape[0]
+    weight = cv2.GaussianBlur(mask, (0, 0), sigma)
+    spreading = np.stack([cv2.GaussianBlur(channel * mask, (0, 0), sigma) for channel in flow])
+    outside = spreading / np.maximum(weight, 1e-6) * np.clip(weight / reach, 0, 1)
+    return np.where(mask > 0, flow, outside).astype(np.float32), mask
+
+
 def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:
     a, b = _EYE_OUTER_CORNERS
     return np.linalg.norm(landmarks[..., a, :2] - landmarks[..., b, :2], axis=-1)
+
+
+def landmark_offsets(landmarks: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Motion of a mesh relative to a reference mesh of the same face, in units of the reference's inter-ocular
+    distance, so it can move any other face: (landmarks − reference) / iod(reference). `landmarks` [..., 478, 3]
+    (any leading axes), `reference` [478, 3]; float32."""
+    reference = np.asarray(reference, dtype=np.float64)
+    scale = max(float(_inter_ocular(reference)), 1e-6)
+    return ((np.asarray(landmarks, dtype=np.float64) - reference) / scale).astype(np.float32)
+
+
+def apply_landmark_offsets(reference: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The inverse of `landmark_offsets` for a (possibly other) face: reference + offsets · iod(reference)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    return (reference + np.asarray(offsets, dtype=np.float64) * _inter_ocular(reference)).astype(np.float32)
 
 
 def retarget_landmarks(
@@ -295,8 +344,4 @@ def retarget_landmarks(
     """Move a portrait's mesh by the driver's motion relative to its reference frame, for cross-identity
     driving: portrait + (driver − reference) · iod(portrait) / iod(reference) (iod: inter-ocular distance,
     outer eye corners). `driver_landmarks` may be [478, 3] or [T, 478, 3]; returns the same shape, float32."""
-    portrait = np.asarray(portrait_landmarks, dtype=np.float64)
-    driver = np.asarray(driver_landmarks, dtype=np.float64)
-    reference = np.asarray(driver_reference, dtype=np.float64)
-    scale = _inter_ocular(portrait) / max(float(_inter_ocular(reference)), 1e-6)
-    return (portrait + (driver - reference) * scale).astype(np.float32)
+    return apply_landmark_offsets(portrait_landmarks, landmark_offsets(driver_landmarks, driver_reference))

@@ -172,3 +172,26 @@ def test_paste_back_returns_the_full_portrait(pipe, face):
     out = run(pipe, face, speech(0.2), paste_back=True)
     height, width = face.original.shape[:2]
     assert out.frames.shape == (5, height, width, 3)
+
+
+def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
+    pipe = build_pipeline("tiny", seed=0)
+    encoder = pipe.motion_encoder
+    # A basis that spans a sideways head shift, as one fitted on real motion does.
+    shift = torch.zeros(1, encoder.config.num_landmarks, 3)
+    shift[..., 0] = 0.1  # inter-ocular distances
+    encoder.fit_landmark_basis(torch.cat([shift, torch.randn(8, *shift.shape[1:]) * 1e-3]))
+    moved = face.landmarks.copy()
+    iod = np.linalg.norm(face.landmarks[33, :2] - face.landmarks[263, :2])
+    moved[:, 0] += 0.1 * iod
+    portrait = pipe.encode_portrait(face)
+    latents = pipe.encode_motion(face.image[None], moved[None], reference_landmarks=face.landmarks)
+    assert torch.all(portrait.latent[:, : encoder.config.landmark_components] == 0)  # its own reference
+    prior = pipe.prior_flows(portrait, latents)
+    working = pipe.appearance_encoder.config.sample_size
+    assert prior.shape == (1, 2, working, working)
+    # Inside the face every pixel samples the portrait 0.1 iod to its left (normalised: 2 px / crop side).
+    centre = prior[0, 0, working // 2, working // 2].item()
+    assert centre == pytest.approx(-2 * 0.1 * iod / IMAGE_SIZE, rel=0.05)
+    frames = pipe.render(portrait, latents)
+    assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1

@@ -8,10 +8,13 @@ import torch
 from pipeline_infp.models.face_decoder import warp
 from pipeline_infp.processing import (
     FaceProcessor,
+    apply_landmark_offsets,
+    landmark_offsets,
     mesh_flow,
     mesh_triangles,
     mesh_warp,
     mouth_aperture,
+    prior_flow,
     retarget_landmarks,
 )
 from pipeline_infp.processing.face import _region_indices
@@ -248,3 +251,39 @@ def test_retarget_moves_by_the_scaled_driver_motion(landmarks):
     # The mouth opens by the same relative amount on the portrait.
     opened = retarget_landmarks(portrait, _open_mouth(reference, 0.2), reference)
     assert abs(mouth_aperture(opened) - mouth_aperture(_open_mouth(portrait, 0.2))) < 1e-3
+
+
+# --------------------------------------------------------------------------- prior flow and offsets
+
+
+def test_prior_flow_is_zero_for_identical_meshes(landmarks):
+    flow, mask = prior_flow(landmarks, landmarks, SIZE, 64)
+    assert flow.shape == (2, 64, 64) and mask.shape == (64, 64)
+    np.testing.assert_allclose(flow, 0, atol=1e-6)
+
+
+def test_prior_flow_carries_the_mesh_motion_outwards_and_fades_to_still(landmarks):
+    shift = 6.0  # px at SIZE: every output pixel near the face samples the source 6 px to its left
+    moved = landmarks.copy()
+    moved[:, 0] += shift
+    flow, mask = prior_flow(landmarks, moved, SIZE, 64)
+    expected = -2 * shift / SIZE
+    inside = mask > 0
+    np.testing.assert_allclose(flow[0][inside], expected, atol=1e-5)
+    np.testing.assert_allclose(flow[1][inside], 0, atol=1e-5)
+    # Just outside the mesh (a few pixels off the face oval) the motion continues, weaker ...
+    ring = _oval_mask(moved * 64 / SIZE, 64, grow=3) & ~inside
+    ratio = flow[0][ring] / expected
+    assert ring.any() and ratio.min() > 0.3 and ratio.mean() > 0.5
+    # ... and the crop's corners, far from the face, stay still.
+    assert np.abs(flow[:, :4, :4]).max() < 1e-3 and np.abs(flow[:, -4:, -4:]).max() < 1e-3
+
+
+def test_landmark_offsets_round_trip_and_transfer_at_the_other_faces_scale(landmarks):
+    driver = landmarks.copy()
+    driver[:, 1] += 3.0
+    offsets = landmark_offsets(driver, landmarks)
+    np.testing.assert_allclose(apply_landmark_offsets(landmarks, offsets), driver, atol=1e-4)
+    bigger = landmarks * 2  # the same face twice as large: the same motion is twice as many pixels
+    np.testing.assert_allclose(apply_landmark_offsets(bigger, offsets) - bigger, (driver - landmarks) * 2, atol=1e-4)
+    np.testing.assert_allclose(landmark_offsets(np.stack([landmarks, driver]), landmarks)[1], offsets)

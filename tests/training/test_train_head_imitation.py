@@ -15,7 +15,7 @@ from pipeline_infp import INFPPipeline
 from pipeline_infp.processing import FaceProcessor
 from training import prepare_data
 from training.prepared import PreparedDataset
-from training.train_head_imitation import HeadImitationDataset, main, synthetic_driving
+from training.train_head_imitation import HeadImitationDataset, main, reframe, synthetic_driving
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_head_imitation.py"
@@ -51,12 +51,44 @@ def test_pairs_have_images_hybrids_and_mesh_flow(data_dir):
     sample = dataset[3]
     assert sample["source"].shape == sample["driving"].shape == (3, 64, 64)
     assert sample["driving_hybrid"].shape == (3, 256, 256)
-    assert sample["mesh_flow"].shape == (2, 16, 16) and sample["mesh_mask"].shape == (1, 16, 16)
-    assert 0 < sample["mesh_mask"].mean() < 1
+    assert sample["mesh_flow"].shape == sample["prior_flow"].shape == (2, 64, 64)
+    assert sample["mesh_mask"].shape == sample["valid"].shape == (1, 64, 64)
+    assert sample["driving_offsets"].shape == (478, 3)
+    assert 0 < sample["mesh_mask"].mean() < 1 and sample["valid"].mean() > 0.8
+    # Without a basis the prior is the exact mesh flow inside the mesh.
+    inside = sample["mesh_mask"].expand(2, -1, -1) > 0
+    torch.testing.assert_close(sample["prior_flow"][inside], sample["mesh_flow"][inside])
     assert -1 <= sample["source"].min() and sample["source"].max() <= 1
     again = dataset[3]
     assert all(torch.equal(sample[k], again[k]) for k in sample)  # a pair is a function of its index
     assert not torch.equal(dataset[4]["driving"], sample["driving"])
+
+
+def test_pairs_use_the_motion_encoders_basis_for_the_prior(data_dir):
+    dataset = HeadImitationDataset(
+        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=10
+    )
+    exact = dataset[1]
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(478 * 3, 2)))[0].T.astype(np.float32)
+    dataset.landmark_basis = basis
+    projected = dataset[1]
+    assert torch.equal(exact["driving"], projected["driving"])
+    assert not torch.allclose(exact["prior_flow"], projected["prior_flow"])
+
+
+def test_reframe_moves_a_driving_crop_into_the_source_crop(data_dir):
+    clip = PreparedDataset(data_dir).clips(kinds=["talking"])[0]
+    frame, landmarks = clip.frame(5), np.array(clip.landmarks[5])
+    same, same_lm, valid = reframe(frame, landmarks, clip.matrices[5], clip.matrices[5])
+    assert np.abs(same.astype(int) - frame).max() <= 1 and np.allclose(same_lm, landmarks, atol=1e-4)
+    assert valid[2:-2, 2:-2].min() == 255 and valid.mean() > 0.95 * 255
+    # A crop shifted by 20 px: the content moves back by 20 px and the uncovered border is invalid.
+    shifted = clip.matrices[5].copy()
+    shifted[0, 2] += 20
+    moved, moved_lm, valid = reframe(frame, landmarks, clip.matrices[5], shifted)
+    np.testing.assert_allclose(moved_lm[:, 0], landmarks[:, 0] + 20, atol=1e-3)
+    assert np.abs(moved[:, 30:].astype(int) - frame[:, 10:-20]).mean() < 1
+    assert valid[:, :18].max() == 0 and valid[:, 30:].min() == 255
 
 
 def test_synthetic_driving_moves_the_face_where_its_landmarks_say(shared_data):
@@ -75,6 +107,8 @@ def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
     assert (tmp_path / "validation" / "step-000004.jpg").is_file()
     pipe = INFPPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.motion_guider is None
+    basis = pipe.motion_encoder.landmark_basis.float()  # fitted on the data before training
+    torch.testing.assert_close(basis @ basis.T, torch.eye(len(basis)), atol=1e-2, rtol=0)
     with safe_open(tmp_path / "pipeline" / "face_decoder" / "diffusion_pytorch_model.safetensors", "pt") as weights:
         assert all(weights.get_tensor(key).dtype == torch.float16 for key in weights.keys())  # noqa: SIM118
 
