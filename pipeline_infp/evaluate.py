@@ -14,8 +14,9 @@
     of those clips; MediaPipe runs on the output frames, and the driver's and the output's mouth- and
     eye-aperture series are correlated (Pearson), with the fraction of output frames where a face is found.
 Methods: `static` (the source, unchanged), `mesh warp` (piecewise-affine warp of the source by the driving
-face mesh, `processing.mesh_warp`) and `renderer` (the checkpoint's motion encoder, flow estimator and face
-decoder; left out when no `--checkpoint` is given).
+face mesh, `processing.mesh_warp`), `prior warp` (the renderer's geometric prior alone: the mesh warp carried
+over hair and neck, `processing.prior_warp`, from the driver's own meshes — nothing learned) and `renderer`
+(the checkpoint's motion encoder, flow estimator and face decoder; left out when no `--checkpoint` is given).
 
 Clips are streamed: each is decoded twice (face tracking, then cropping) and processed in batches, so memory
 does not depend on a clip's resolution and grows by only a few KB per frame (landmarks, per-frame scores).
@@ -54,12 +55,12 @@ from pipeline_infp.processing import (
     mouth_aperture,
 )
 from pipeline_infp.processing.face import crop_to_crop, smoothed_crop_matrices, warp_to_crop
-from pipeline_infp.processing.mesh_warp import mesh_warp, retarget_landmarks
+from pipeline_infp.processing.mesh_warp import mesh_warp, prior_warp, retarget_landmarks
 from pipeline_infp.processing.video import VideoStream
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("static", "mesh warp", "renderer")
+METHODS = ("static", "mesh warp", "prior warp", "renderer")
 PSNR_CAP = 100.0  # dB, for identical images (MSE 0)
 # A full run on the shared data (7 val clips, 3794 driving frames) with all 22 portraits x 50 frames takes ~17 min
 # on an idle 2-core CPU with the base renderer (estimated from per-frame costs; 40 min measured while other jobs
@@ -386,7 +387,7 @@ def self_reenactment(
         track = track_clip(processor, entry.path, args.size, args.fps, max_frames, progress=args.progress)
         if args.crop == "fixed":
             track = track.fixed()
-    methods = ["static", "mesh warp"] + (["renderer"] if renderer is not None else [])
+    methods = ["static", "mesh warp", "prior warp"] + (["renderer"] if renderer is not None else [])
     per_frame = {m: {"ssim": [], "psnr": [], "l1": []} for m in methods}
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
     source = source_lm = portrait = None
@@ -401,8 +402,12 @@ def self_reenactment(
             if renderer is not None:
                 with timer("self: renderer"):
                     portrait = renderer.encode_portrait(source, source_lm)
-            # Sanity: each method given the source's own geometry (static and mesh warp are exact).
-            outputs = {"static": source[None], "mesh warp": mesh_warp(source, source_lm, source_lm)[None]}
+            # Sanity: each method given the source's own geometry (static and the warps are exact).
+            outputs = {
+                "static": source[None],
+                "mesh warp": mesh_warp(source, source_lm, source_lm)[None],
+                "prior warp": prior_warp(source, source_lm, source_lm)[None],
+            }
             if renderer is not None:
                 with timer("self: renderer"):
                     outputs["renderer"] = renderer.render(
@@ -425,6 +430,8 @@ def self_reenactment(
             outputs["static"] = np.broadcast_to(source, crops.shape)
         with timer("self: mesh warp"):
             outputs["mesh warp"] = np.stack([mesh_warp(source, source_lm, lm) for lm in landmarks])
+        with timer("self: prior warp"):
+            outputs["prior warp"] = np.stack([prior_warp(source, source_lm, lm) for lm in landmarks])
         if renderer is not None:
             with timer("self: renderer"):
                 outputs["renderer"] = renderer.render(portrait, renderer.encode_motion(crops, landmarks, source_lm))
@@ -486,6 +493,10 @@ def cross_identity(
             frames = np.stack([mesh_warp(portrait["crop"], portrait["landmarks"], lm) for lm in targets])
         with timer("cross: output landmarks"):
             scores["mesh warp"] = _motion_scores(*_detect_series(processor, frames), driver_mouth, driver_eye)
+        with timer("cross: prior warp"):
+            frames = np.stack([prior_warp(portrait["crop"], portrait["landmarks"], lm) for lm in targets])
+        with timer("cross: output landmarks"):
+            scores["prior warp"] = _motion_scores(*_detect_series(processor, frames), driver_mouth, driver_eye)
         if renderer is not None:
             with timer("cross: renderer"):
                 frames = renderer.render(portrait["encoding"], latents)

@@ -225,7 +225,7 @@ def test_evaluation_json_structure(evaluation):
     assert results["settings"]["crop"] == "fixed"
     assert {"platform", "cpu_count", "torch", "device"} <= set(results["machine"])
     assert results["wall_time_s"] > 0 and results["timings_s"]["self: face tracking"] > 0
-    for method in ("static", "mesh warp", "renderer"):
+    for method in ("static", "mesh warp", "prior warp", "renderer"):
         assert method in results["table"]
     check = results["checks"]["renderer_face_found"]
     assert check["min"] == 0.99 and check["ok"] == (check["value"] >= 0.99)
@@ -233,7 +233,7 @@ def test_evaluation_json_structure(evaluation):
     [clip] = results["self_reenactment"]  # only the val clip
     assert clip["id"] == CLIP and clip["driving_frames"] == 6 and clip["frames_read"] == 7
     assert len(clip["per_frame"]["frame_index"]) == 6
-    for method in ("static", "mesh warp", "renderer"):
+    for method in ("static", "mesh warp", "prior warp", "renderer"):
         metrics = clip["methods"][method]
         assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 10 and 0 <= metrics["l1"] < 0.5
         assert len(clip["per_frame"][method]["ssim"]) == 6
@@ -246,7 +246,7 @@ def test_evaluation_json_structure(evaluation):
     assert results["clips"] == [CLIP]
     assert pair["portrait"] == PORTRAIT and pair["clip"] == CLIP and pair["frames"] == 5
     assert len(pair["driver"]["mouth"]) == 5
-    for method in ("static", "mesh warp", "renderer"):
+    for method in ("static", "mesh warp", "prior warp", "renderer"):
         scores = pair["methods"][method]
         assert -1 <= scores["mouth_corr"] <= 1 and -1 <= scores["eye_corr"] <= 1 and 0 <= scores["face_found"] <= 1
     # static: one unchanging frame, so its series are constant and count as uncorrelated.
@@ -257,7 +257,7 @@ def test_sanity_of_the_baselines(evaluation):
     _, results, _ = evaluation
     [clip] = results["self_reenactment"]
     # Given the source's own geometry, static and mesh warp give back the source exactly.
-    for method in ("static", "mesh warp"):
+    for method in ("static", "mesh warp", "prior warp"):
         assert clip["source_reconstruction"][method] == {"ssim": 1.0, "psnr": 100.0, "l1": 0.0}
     static, warped = clip["methods"]["static"], clip["methods"]["mesh warp"]
     assert warped["ssim"] > static["ssim"] or warped["psnr"] > static["psnr"], (static, warped)

@@ -37,6 +37,7 @@ from .mesh_warp import (
     mesh_triangles,
     mesh_warp,
     prior_flow,
+    prior_warp,
     retarget_landmarks,
 )
 from .video import read_audio_track, read_video, write_video
@@ -71,6 +72,7 @@ __all__ = [
     "pad_to_same_length",
     "paste_back",
     "prior_flow",
+    "prior_warp",
     "read_audio_track",
     "read_video",
     "retarget_landmarks",

@@ -30,6 +30,7 @@ __all__ = [
     "mesh_triangles",
     "mesh_warp",
     "prior_flow",
+    "prior_warp",
     "retarget_landmarks",
 ]
 
@@ -316,6 +317,19 @@ def prior_flow(
     spreading = np.stack([cv2.GaussianBlur(channel * mask, (0, 0), sigma) for channel in flow])
     outside = spreading / np.maximum(weight, 1e-6) * np.clip(weight / reach, 0, 1)
     return np.where(mask > 0, flow, outside).astype(np.float32), mask
+
+
+def prior_warp(source_image: np.ndarray, source_landmarks: np.ndarray, driving_landmarks: np.ndarray) -> np.ndarray:
+    """The source image (uint8 [S, S, 3]) warped by `prior_flow` at its full resolution: the renderer's geometry
+    without anything learned. Returns uint8 [S, S, 3]."""
+    image = np.asarray(source_image)
+    size = image.shape[0]
+    flow, _ = prior_flow(source_landmarks, driving_landmarks, size)
+    centres = np.arange(size, dtype=np.float32)
+    grid_x, grid_y = np.meshgrid(centres, centres)
+    # Normalised displacement → pixels (grid_sample with align_corners=False: 2 units span `size` pixels).
+    map_x, map_y = grid_x + flow[0] * size / 2, grid_y + flow[1] * size / 2
+    return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:

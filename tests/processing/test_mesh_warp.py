@@ -15,6 +15,7 @@ from pipeline_infp.processing import (
     mesh_warp,
     mouth_aperture,
     prior_flow,
+    prior_warp,
     retarget_landmarks,
 )
 from pipeline_infp.processing.face import _region_indices
@@ -287,3 +288,13 @@ def test_landmark_offsets_round_trip_and_transfer_at_the_other_faces_scale(landm
     bigger = landmarks * 2  # the same face twice as large: the same motion is twice as many pixels
     np.testing.assert_allclose(apply_landmark_offsets(bigger, offsets) - bigger, (driver - landmarks) * 2, atol=1e-4)
     np.testing.assert_allclose(landmark_offsets(np.stack([landmarks, driver]), landmarks)[1], offsets)
+
+
+def test_prior_warp_matches_the_flow_through_the_decoders_warp(crop, landmarks):
+    driving = landmarks.copy()
+    driving[:, 1] += 4.0
+    assert np.array_equal(prior_warp(crop.image, landmarks, landmarks), crop.image)
+    warped = prior_warp(crop.image, landmarks, driving)
+    flow, _ = prior_flow(landmarks, driving, SIZE)
+    expected = _to_uint8(warp(_to_tensor(crop.image), torch.from_numpy(flow)[None]))
+    assert np.abs(warped.astype(int) - expected).mean() < 1.0

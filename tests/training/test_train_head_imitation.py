@@ -1,42 +1,21 @@
 """The stage-1 training script: data pairs, a few steps in one and in two processes, resuming, export."""
 
-import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors import safe_open
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.processing import FaceProcessor
-from training import prepare_data
 from training.prepared import PreparedDataset
 from training.train_head_imitation import HeadImitationDataset, main, reframe, synthetic_driving
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_head_imitation.py"
-CLIPS = {"styletalk-feifeili-clip1": "train", "video-retalkin-4": "val"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(shared_data, tmp_path_factory):
-    """A prepared dataset of one train clip, one val clip (1 s each) and one portrait."""
-    tmp = tmp_path_factory.mktemp("head-data")
-    rows = [r for r in csv.DictReader(open(shared_data / "manifest.csv")) if r["id"] in CLIPS]
-    rows.append(next(r for r in csv.DictReader(open(shared_data / "manifest.csv")) if r["kind"] == "portrait"))
-    with open(tmp / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([dict(r, path=str(shared_data / r["path"])) for r in rows])
-    out = tmp / "prepared"
-    prepare_data.main(
-        ["--manifest", str(tmp / "manifest.csv"), "--out", str(out), "--max-seconds", "1", "--workers", "1"]
-    )
-    return out
 
 
 def tiny_args(data_dir, output_dir, *extra):
