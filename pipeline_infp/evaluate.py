@@ -174,6 +174,7 @@ class Entry:
     path: Path
     kind: str
     split: str
+    identity: str = ""
 
 
 def read_manifest(path: str | Path) -> list[Entry]:
@@ -190,6 +191,7 @@ def read_manifest(path: str | Path) -> list[Entry]:
             path=(path.parent / row["path"]).resolve(),
             kind=(row.get("kind") or "").strip(),
             split=(row.get("split") or "").strip(),
+            identity=(row.get("identity") or "").strip(),
         )
         for row in rows
     ]
@@ -761,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=_positive_int, default=16, help="frames per renderer batch")
     sub.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     sub.set_defaults(handler=run_reenactment)
+
+    from pipeline_infp.evaluate_motion import add_parser
+
+    add_parser(commands)
     return parser
 
 

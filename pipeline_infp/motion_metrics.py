@@ -47,10 +47,9 @@ def frechet_distance(generated, reference) -> float:
         raise ValueError(f"Need ≥ 2 frames of the same dimension in both sets, got {a.shape} and {b.shape}.")
     mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all():  # singular products: regularise, as the FID reference code does
-        offset = np.eye(len(cov_a)) * 1e-6
-        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    # A constant method (static) has a singular covariance: a tiny ridge keeps the square root defined.
+    ridge = np.eye(len(cov_a)) * 1e-9
+    root = linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
     distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a + cov_b - 2 * np.real(root))
     return float(max(distance, 0.0))
 

@@ -21,7 +21,6 @@ Whisper features are kept. Re-runs skip finished clips, so an interrupted run re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -51,15 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
-
-
-def encoder_fingerprint(pipe: INFPPipeline) -> str:
-    """A hash of the motion encoder's weights and config: latents made by another encoder are stale."""
-    digest = hashlib.sha256(json.dumps(dict(pipe.motion_encoder.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(pipe.motion_encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def reference_frame(clip: PreparedClip) -> int:
@@ -116,7 +106,7 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else Path(args.data_dir) / "motion"
     pipe = INFPPipeline.from_pretrained(args.checkpoint).to(args.device)
     pipe.audio_encoder.to(torch.float32)  # Whisper in fp16 on a CPU is slow and no more exact
-    fingerprint = encoder_fingerprint(pipe)
+    fingerprint = pipe.motion_encoder.fingerprint()
     index_path = out / "motion.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     if index.get("motion_encoder") != fingerprint:

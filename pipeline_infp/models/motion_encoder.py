@@ -10,6 +10,9 @@ The latent it produces has two parts, both free of identity:
 Both training stages and the pipeline share this latent space.
 """
 
+import hashlib
+import json
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -53,6 +56,15 @@ class MotionEncoder(ModelMixin, ConfigMixin):
         # Zero until `fit_landmark_basis`: an unfitted encoder sees no geometric motion at all.
         self.register_buffer("landmark_basis", torch.zeros(landmark_components, num_landmarks * 3))
         self.register_buffer("landmark_scale", torch.ones(landmark_components))
+
+    def fingerprint(self) -> str:
+        """A hash of the config and weights: motion latents made by another encoder are not comparable."""
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}  # not where it was loaded from
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @torch.no_grad()
     def fit_landmark_basis(self, offsets: torch.Tensor) -> torch.Tensor:

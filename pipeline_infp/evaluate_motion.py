@@ -1,0 +1,488 @@
+"""`python -m pipeline_infp.evaluate motion`: the whole pipeline judged on the videos it renders.
+
+Items: every `talking` clip of the val split (own track = its speech, no partner, portrait = its first frame,
+ground truth = the clip itself, cut with the first frame's crop) and every `dual-audio` pair, each side in
+turn as the agent's own voice with the other as the partner's (portraits from the manifest in turn; no
+ground truth). Each item is rendered by the methods
+  generated  — the pipeline (its defaults unless --steps / --guidance-scale),
+  static     — the portrait unchanged,
+  random     — the motion of a random training clip (`talking`, split train),
+  retrieval  — for each second of the own track, the motion of the training second with the nearest audio
+               (MFCC mean and spread),
+and MediaPipe reads every output frame. Per frame: motion features (`MotionFeatureSpace`: head pose and a
+pose-free expression PCA, fitted on the training clips and saved as `<checkpoint>/motion_features.npz`),
+mouth and eye apertures. Reported (DIM/ELP definitions where they exist): FD and paired FD (motion ‖ own-track
+MFCC) against the ground-truth frames, SID (k-means entropy, k = 40 on expression, 20 on pose, fitted on the
+ground truth), temporal variance, rPCC (|PCC(motion energy, speech energy) − the same for the ground truth|),
+MSE against the ground truth, mouth-aperture correlation with the ground truth on speech, the closed-mouth
+fraction where only the partner speaks, speaking/listening state accuracy against voice activity, blinks per
+minute, and the motion change at window boundaries relative to inside windows. `--sweep` adds a table over
+DDIM steps × guidance scale for choosing the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline_infp.motion_features import MotionFeatureSpace
+from pipeline_infp.motion_metrics import (
+    blinks_per_minute,
+    closed_mouth_fraction,
+    frechet_distance,
+    paired_frechet_distance,
+    sid,
+    speaking_state,
+    temporal_variance,
+)
+from pipeline_infp.processing import (
+    SAMPLE_RATE,
+    FaceCrop,
+    FaceProcessor,
+    INFPInputError,
+    NoFaceDetectedError,
+    eye_aperture,
+    load_audio,
+    mouth_aperture,
+    voice_activity,
+)
+from pipeline_infp.processing.video import read_audio_track
+
+logger = logging.getLogger(__name__)
+METHODS = ("generated", "static", "random", "retrieval")
+CHUNK = 25  # frames per retrieval unit (1 s)
+IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+def speech_features(audio: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """13 MFCCs per video frame [num_frames, 13] (the own track's content, for paired FD and retrieval)."""
+    import librosa
+
+    hop = round(SAMPLE_RATE / fps)
+    mfcc = librosa.feature.mfcc(y=np.asarray(audio, np.float32), sr=SAMPLE_RATE, n_mfcc=13, hop_length=hop, n_fft=1024)
+    mfcc = mfcc.T[:num_frames]
+    return np.pad(mfcc, ((0, num_frames - len(mfcc)), (0, 0)), mode="edge")
+
+
+def speech_energy(audio: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    hop = round(SAMPLE_RATE / fps)
+    padded = np.pad(np.asarray(audio, np.float64), (0, max(0, num_frames * hop - len(audio))))
+    return np.sqrt((padded[: num_frames * hop].reshape(num_frames, hop) ** 2).mean(1))
+
+
+class Reader:
+    """MediaPipe on rendered frames → landmarks (last good frame where no face is found) and the found mask."""
+
+    def __init__(self, processor: FaceProcessor):
+        self.processor = processor
+
+    def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        landmarks, found, last = [], np.zeros(len(frames), bool), None
+        for t, frame in enumerate(frames):
+            try:
+                last = self.processor.landmarks(frame)
+                found[t] = True
+            except NoFaceDetectedError:
+                pass
+            landmarks.append(last)
+        first = next((lm for lm in landmarks if lm is not None), None)
+        if first is None:
+            raise NoFaceDetectedError("MediaPipe found no face in any rendered frame.")
+        return np.stack([first if lm is None else lm for lm in landmarks]), found
+
+
+def track_items(entries, processor, args, split: str, count: int | None = None) -> list[dict]:
+    """Talking clips of a split (`count` of them spread over the list, or all) with their fixed-crop frames,
+    landmarks and own audio, capped at --max-seconds."""
+    from pipeline_infp.evaluate import iter_crops, spread, track_clip
+
+    frames_cap = round(args.max_seconds * args.fps)
+    items = []
+    chosen = [e for e in entries if e.kind == "talking" and (e.split or "val") == split]
+    for entry in spread(chosen, count):
+        try:
+            track = track_clip(processor, entry.path, args.size, args.fps, frames_cap).fixed()
+            audio = read_audio_track(entry.path)
+        except (INFPInputError, OSError) as error:
+            logger.warning("Skipping %s: %s", entry.id, error)
+            continue
+        if audio is None or len(track.indices) < CHUNK:
+            continue
+        crops = np.concatenate([c for _, c in iter_crops(entry.path, track, args.fps)])
+        span = int(track.indices[-1]) + 1
+        audio = np.pad(audio, (0, max(0, span * SAMPLE_RATE // round(args.fps) - len(audio))))
+        audio = audio[: round(span / args.fps * SAMPLE_RATE)]
+        items.append({"id": entry.id, "crops": crops, "landmarks": track.landmarks, "indices": track.indices,
+                      "audio": audio})  # fmt: skip
+    return items
+
+
+def motion_bank(pipe, items: list[dict], fps: float) -> list[dict]:
+    """Training clips as (motion latents relative to their first frame, per-second MFCC summaries)."""
+    bank = []
+    for item in items:
+        latents = torch.cat(
+            [
+                pipe.encode_motion(item["crops"][i : i + 32], item["landmarks"][i : i + 32], item["landmarks"][0])
+                for i in range(0, len(item["crops"]), 32)
+            ]
+        ).float()
+        mfcc = speech_features(item["audio"], int(item["indices"][-1]) + 1, fps)[item["indices"]]
+        chunks = len(latents) // CHUNK
+        summaries = np.stack([np.concatenate([m.mean(0), m.std(0)]) for m in np.split(mfcc[: chunks * CHUNK], chunks)])
+        bank.append({"id": item["id"], "latents": latents, "summaries": summaries})
+    return bank
+
+
+def retrieve(bank: list[dict], audio: np.ndarray, num_frames: int, fps: float) -> torch.Tensor:
+    """Latents [num_frames, D]: each second takes the training second whose MFCC summary is nearest."""
+    keys = np.concatenate([b["summaries"] for b in bank])
+    owners = [(k, c) for k, b in enumerate(bank) for c in range(len(b["summaries"]))]
+    mean, std = keys.mean(0), keys.std(0) + 1e-6
+    mfcc = speech_features(audio, num_frames, fps)
+    out = []
+    for start in range(0, num_frames, CHUNK):
+        part = mfcc[start : start + CHUNK]
+        query = (np.concatenate([part.mean(0), part.std(0)]) - mean) / std
+        k, c = owners[int(np.argmin((((keys - mean) / std - query) ** 2).sum(1)))]
+        out.append(bank[k]["latents"][c * CHUNK : c * CHUNK + len(part)])
+    return torch.cat(out)
+
+
+def random_motion(bank: list[dict], num_frames: int, rng) -> torch.Tensor:
+    clip = bank[rng.integers(len(bank))]["latents"]
+    start = rng.integers(len(clip))
+    return clip[(start + np.arange(num_frames)) % len(clip)]
+
+
+def boundary_ratio(latents: torch.Tensor, window: int) -> float:
+    """Mean |Δ latent| across window boundaries over the mean inside windows (1: no visible seam)."""
+    steps = (latents[1:] - latents[:-1]).norm(dim=1).cpu().numpy()
+    at = np.zeros(len(steps), bool)
+    at[window - 1 :: window] = True
+    if not at.any() or at.all():
+        return float("nan")
+    return float(steps[at].mean() / max(steps[~at].mean(), 1e-12))
+
+
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or a.std() < 1e-9 or b.std() < 1e-9:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def run_motion(args: argparse.Namespace) -> dict:
+    from pipeline_infp.evaluate import _machine, _round, read_manifest
+    from pipeline_infp.pipeline_infp import INFPPipeline
+
+    start_time = time.perf_counter()
+    entries = read_manifest(args.manifest)
+    pipe = INFPPipeline.from_pretrained(args.checkpoint).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.motion_transformer is None:
+        raise ValueError(f"{args.checkpoint} has no motion model (a stage-1 checkpoint): train stage 2 first.")
+    fps, window = pipe.fps, pipe.motion_transformer.config.window_size
+    rng = np.random.default_rng(args.seed)
+    with FaceProcessor() as processor:
+        read = Reader(processor)
+        logger.info("Tracking the training clips (feature space and baselines' motion bank)")
+        train = track_items(entries, processor, args, "train", args.bank_clips)
+        features_path = Path(args.features or Path(args.checkpoint) / "motion_features.npz")
+        if features_path.is_file():
+            space = MotionFeatureSpace.load(features_path)
+        else:
+            space = MotionFeatureSpace.fit([t["landmarks"] for t in train])
+            space.save(features_path)
+        bank = motion_bank(pipe, train, fps)
+        val = track_items(entries, processor, args, "val")
+        items = [dict(item, kind="talking") for item in val]
+        portraits = [e for e in entries if e.kind == "portrait"]
+        conversations: dict[str, list] = {}
+        for entry in entries:
+            if entry.kind == "dual-audio":
+                conversations.setdefault(entry.identity, []).append(entry)
+        limit = round(args.max_seconds * SAMPLE_RATE)
+        pairs = [sorted(p, key=lambda e: e.id) for p in conversations.values() if len(p) == 2]
+        for n, (own, other) in enumerate(side for a, b in pairs for side in ((a, b), (b, a))):
+            if not portraits:
+                break
+            portrait = portraits[n % len(portraits)]
+            try:
+                crop = processor.crop_portrait(portrait.path, size=args.size)
+            except INFPInputError as error:
+                logger.warning("Skipping portrait %s: %s", portrait.id, error)
+                continue
+            own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
+            items.append({"id": f"{own.id} (partner {other.id})", "kind": "dual", "portrait": crop,
+                          "audio": own_audio, "partner": partner_audio})  # fmt: skip
+
+        results = {m: [] for m in ("ground truth", *METHODS)}
+        for item in tqdm(items, desc="items", unit="item", disable=not args.progress):
+            results_for_item = evaluate_item(pipe, item, bank, read, space, args, rng, window)
+            for method, value in results_for_item.items():
+                results[method].append(value)
+        summary = summarise(results, space, args)
+        sweep = None
+        if args.sweep:
+            sweep = run_sweep(
+                pipe, [i for i in items if i["kind"] == "talking"][: args.sweep_items], read, space, args
+            )
+
+    note = (
+        f"{sum(i['kind'] == 'talking' for i in items)} val talking clips and "
+        f"{sum(i['kind'] == 'dual' for i in items)} dual-audio sides, at most {args.max_seconds:g} s each; "
+        f"generated with {args.steps} DDIM steps, guidance {args.guidance_scale}. Wall time "
+        f"{time.perf_counter() - start_time:.0f} s."
+    )
+    table = format_motion_table(summary) + "\n" + note
+    print(table)
+    if sweep:
+        print(format_sweep(sweep))
+    out = {
+        "command": "motion",
+        "manifest": str(Path(args.manifest).resolve()),
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "features": str(features_path.resolve()),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("handler",)},
+        "machine": _machine(args.device),
+        "summary": summary,
+        "sweep": sweep,
+        "table": table,
+        "items": [{k: v for k, v in i.items() if k in ("id", "kind")} for i in items],
+    }
+    out = _round(out)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1, ensure_ascii=False))
+        print(f"wrote {args.json}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- per item
+
+
+def _record(landmarks, found, space, item_vad, audio, num_frames, fps) -> dict:
+    return {
+        "features": space.transform(landmarks),
+        "mouth": mouth_aperture(landmarks),
+        "eye": eye_aperture(landmarks),
+        "found": found,
+        "own_vad": item_vad[0],
+        "partner_vad": item_vad[1],
+        "speech": speech_features(audio, num_frames, fps),
+        "energy": speech_energy(audio, num_frames, fps),
+    }
+
+
+def _uint8(frames) -> np.ndarray:
+    return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(face, own, partner, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+               output_type="np")  # fmt: skip
+    return _uint8(out.frames), out.motion_latents
+
+
+def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
+    """Records per method (and the ground truth, for talking clips) of one item."""
+    fps = pipe.fps
+    if item["kind"] == "talking":
+        face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+        own, partner = item["audio"], np.zeros_like(item["audio"])
+    else:
+        face, own, partner = item["portrait"], item["audio"], item["partner"]
+        length = max(len(own), len(partner))
+        own, partner = np.pad(own, (0, length - len(own))), np.pad(partner, (0, length - len(partner)))
+    frames, latents = generate(pipe, face, own, partner, args.steps, args.guidance_scale, args.seed)
+    num_frames = len(frames)
+    vad = (voice_activity(own, num_frames, fps=fps), voice_activity(partner, num_frames, fps=fps))
+    records = {"generated": _record(*read(frames), space, vad, own, num_frames, fps)}
+    records["generated"]["boundary"] = boundary_ratio(latents, window)
+
+    portrait_landmarks, found = read(face.image[None])
+    records["static"] = _record(
+        np.repeat(portrait_landmarks, num_frames, 0), np.repeat(found, num_frames), space, vad, own, num_frames, fps
+    )
+    encoding = pipe.encode_portrait(face)
+    for method, motion in (
+        ("random", random_motion(bank, num_frames, rng)),
+        ("retrieval", retrieve(bank, own, num_frames, fps)),
+    ):
+        rendered = _uint8(pipe.render(encoding, motion.to(pipe.device)).permute(0, 2, 3, 1).cpu().float().numpy())
+        records[method] = _record(*read(rendered), space, vad, own, num_frames, fps)
+    if item["kind"] == "talking":
+        # Ground truth on the timeline of its kept frames; every method is compared at those frames.
+        keep = item["indices"][item["indices"] < num_frames]
+        truth = _record(item["landmarks"][: len(keep)], np.ones(len(keep), bool), space,
+                        (vad[0][keep], vad[1][keep]), own, num_frames, fps)  # fmt: skip
+        truth["speech"], truth["energy"] = truth["speech"][keep], truth["energy"][keep]
+        records["ground truth"] = truth
+        for method in METHODS:
+            records[method]["aligned"] = {k: records[method][k][keep] for k in ("features", "mouth", "eye")}
+    for record in records.values():
+        record["kind"] = item["kind"]
+    return records
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def _energy(features: np.ndarray) -> np.ndarray:
+    return np.r_[0.0, np.linalg.norm(np.diff(features, axis=0), axis=1)]
+
+
+def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
+    from sklearn.cluster import KMeans
+
+    truth = results["ground truth"]
+    if not truth:
+        raise ValueError("No val talking clip could be evaluated: the metrics need ground truth.")
+    truth_frames = np.concatenate([r["features"] for r in truth])
+    expression = KMeans(n_clusters=min(40, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, 6:])
+    pose = KMeans(n_clusters=min(20, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, :6])
+    fps = args.fps
+    summary = {}
+    for method, records in results.items():
+        talking = [r for r in records if r["kind"] == "talking"]
+        dual = [r for r in records if r["kind"] == "dual"]
+        if method == "ground truth":
+            compared = talking
+        else:
+            compared = [dict(r, **r["aligned"]) for r in talking]
+        frames = np.concatenate([r["features"] for r in compared])
+        row = {
+            "fd": frechet_distance(frames, truth_frames),
+            "paired_fd": paired_frechet_distance(
+                frames,
+                np.concatenate([t["speech"] for t in truth]),
+                truth_frames,
+                np.concatenate([t["speech"] for t in truth]),
+            ),  # fmt: skip
+            "sid_expression": sid([r["features"][:, 6:] for r in compared], expression.cluster_centers_),
+            "sid_pose": sid([r["features"][:, :6] for r in compared], pose.cluster_centers_),
+            "variance": temporal_variance([r["features"] for r in compared]),
+            "rpcc": float(
+                np.mean(
+                    [
+                        abs(
+                            _pearson(_energy(r["features"]), t["energy"])
+                            - _pearson(_energy(t["features"]), t["energy"])
+                        )
+                        for r, t in zip(compared, truth)
+                    ]
+                )
+            ),  # fmt: skip
+            "mse": float(np.mean([np.mean((r["features"] - t["features"]) ** 2) for r, t in zip(compared, truth)])),
+            "mouth_corr": float(
+                np.mean(
+                    [
+                        _pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5])
+                        for r, t in zip(compared, truth)
+                    ]
+                )
+            ),  # fmt: skip
+            "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
+        }
+        listening = [closed_mouth_fraction(r["mouth"], (r["own_vad"] < 0.5) & (r["partner_vad"] > 0.5)) for r in dual]
+        listening = [x for x in listening if not math.isnan(x)]
+        row["closed_mouth_listening"] = float(np.mean(listening)) if listening else None
+        every = compared + dual
+        row["state_accuracy"] = float(np.mean(np.concatenate([
+            speaking_state(r["mouth"], fps) == (r["own_vad"] > 0.5) for r in every
+        ])))  # fmt: skip
+        row["face_found"] = float(np.mean(np.concatenate([r["found"] for r in every])))
+        if method == "generated":
+            row["boundary_ratio"] = float(np.nanmean([r["boundary"] for r in records]))
+        summary[method] = row
+    return summary
+
+
+def run_sweep(pipe, items, read, space, args) -> list[dict]:
+    """FD, mouth correlation on speech and state accuracy of the generated motion over DDIM steps × guidance."""
+    truth = [space.transform(item["landmarks"]) for item in items]
+    rows = []
+    for steps, guidance in itertools.product(args.sweep_steps, args.sweep_guidance):
+        features, mouth_corr, accuracy = [], [], []
+        for item in items:
+            face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+            frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args.seed)
+            landmarks, _ = read(frames)
+            keep = item["indices"][item["indices"] < len(frames)]
+            vad = voice_activity(item["audio"], len(frames), fps=pipe.fps) > 0.5
+            mouth, truth_mouth = mouth_aperture(landmarks), mouth_aperture(item["landmarks"][: len(keep)])
+            features.append(space.transform(landmarks)[keep])
+            mouth_corr.append(_pearson(mouth[keep][vad[keep]], truth_mouth[vad[keep]]))
+            accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == vad))
+        fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
+        rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
+                     "state_accuracy": float(np.mean(accuracy))})  # fmt: skip
+    return rows
+
+
+COLUMNS = [
+    ("FD ↓", "fd", "{:.2f}"), ("P-FD ↓", "paired_fd", "{:.2f}"), ("SID exp", "sid_expression", "{:.2f}"),
+    ("SID pose", "sid_pose", "{:.2f}"), ("Var", "variance", "{:.3f}"), ("rPCC ↓", "rpcc", "{:.3f}"),
+    ("MSE ↓", "mse", "{:.3f}"), ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
+    ("closed mouth listening ↑", "closed_mouth_listening", "{:.1%}"), ("state acc ↑", "state_accuracy", "{:.1%}"),
+    ("blinks/min", "blinks_per_min", "{:.1f}"), ("boundary/inside", "boundary_ratio", "{:.2f}"),
+]  # fmt: skip
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_motion_table(summary: dict) -> str:
+    rows = [
+        [method] + [("—" if row.get(key) is None else fmt.format(row[key])) for _, key, fmt in COLUMNS]
+        for method, row in summary.items()
+    ]
+    return _table(["method"] + [c[0] for c in COLUMNS], rows)
+
+
+def format_sweep(rows: list[dict]) -> str:
+    body = [[str(r["steps"]), f"{r['guidance_scale']:g}", f"{r['fd']:.2f}", f"{r['mouth_corr']:+.3f}",
+             f"{r['state_accuracy']:.1%}"] for r in rows]  # fmt: skip
+    return _table(["steps", "guidance", "FD ↓", "mouth corr ↑", "state acc ↑"], body)
+
+
+def add_parser(commands) -> None:
+    sub = commands.add_parser(
+        "motion",
+        help="the whole pipeline: generated talking/listening motion vs static, random and retrieval baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("--manifest", required=True, help="manifest.csv in the shared data format")
+    sub.add_argument("--checkpoint", required=True, help="a complete pipeline folder (stage 1 + stage 2)")
+    sub.add_argument("--json", help="write every result here")
+    sub.add_argument("--features", help="motion feature space .npz (default <checkpoint>/motion_features.npz; "
+                     "fitted on the manifest's training clips when missing)")  # fmt: skip
+    sub.add_argument("--max-seconds", type=float, default=10.0, help="cap per clip and per conversation side")
+    sub.add_argument("--bank-clips", type=int, default=12, help="training clips for the feature space and baselines")
+    sub.add_argument("--steps", type=int, default=20, help="DDIM steps of the generated method")
+    sub.add_argument("--guidance-scale", type=float, default=2.5)
+    sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
+    sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
+    sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])
+    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep")
+    sub.add_argument("--size", type=int, default=256)
+    sub.add_argument("--fps", type=float, default=25.0)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.set_defaults(handler=run_motion)
