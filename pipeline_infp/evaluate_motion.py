@@ -330,7 +330,8 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         truth["speech"], truth["energy"] = truth["speech"][keep], truth["energy"][keep]
         records["ground truth"] = truth
         for method in METHODS:
-            records[method]["aligned"] = {k: records[method][k][keep] for k in ("features", "mouth", "eye")}
+            per_frame = ("features", "mouth", "eye", "found", "own_vad", "partner_vad", "speech", "energy")
+            records[method]["aligned"] = {k: records[method][k][keep] for k in per_frame}
     for record in records.values():
         record["kind"] = item["kind"]
     return records
