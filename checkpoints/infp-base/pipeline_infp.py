@@ -1,0 +1,481 @@
+"""INFPPipeline: one portrait + the agent's own voice + the partner's voice → a talking/listening head video.
+
+Inference follows INFP (CVPR 2025) top to bottom:
+  1. prepare inputs: crop the portrait around its face, load and align the two audio tracks;
+  2. encode audio: frozen Whisper-base features at the video frame rate, per track;
+  3. guide: the interactive motion guider turns both tracks (and an optional style) into f_m;
+  4. denoise window by window: the motion transformer generates motion latents with DDIM and
+     classifier-free guidance, each window conditioned on the last frames of the previous one;
+  5. render: the face renderer animates the portrait with the generated motion latents;
+  6. output: frames (optionally pasted back into the full portrait) with the mixed audio.
+
+This file is also copied to the root of exported Hub folders and imported on its own by
+diffusers' `trust_remote_code` loader, so it uses absolute imports only.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from pipeline_infp import models
+from pipeline_infp.hub import make_self_contained
+from pipeline_infp.processing import (
+    SAMPLE_RATE,
+    FaceCrop,
+    FaceProcessor,
+    SilentAudioError,
+    apply_landmark_offsets,
+    check_duration,
+    hybrid_representation,
+    is_silent,
+    landmark_offsets,
+    load_audio,
+    mix_tracks,
+    pad_to_same_length,
+    prior_flow,
+    read_video,
+    voice_activity,
+)
+from pipeline_infp.processing import paste_back as paste_back_frames
+
+
+@dataclass
+class INFPPipelineOutput(BaseOutput):
+    """
+    frames: the video, as a list of PIL images, a float array [T, H, W, 3] in [0, 1] ("np"), a tensor
+        [T, 3, H, W] in [0, 1] ("pt"), or None for output_type="latent".
+    motion_latents: generated motion latents [T, latent_dim], in the motion encoder's space.
+    fps: frames per second of `frames`.
+    audio: the own and partner tracks mixed, mono float32 at 16 kHz, as long as the video.
+    """
+
+    frames: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
+    motion_latents: torch.Tensor
+    fps: float
+    audio: np.ndarray
+
+
+COMPONENT_CLASSES = {
+    "audio_encoder": "AudioEncoder",
+    "motion_guider": "MotionGuider",
+    "motion_transformer": "MotionTransformer",
+    "motion_encoder": "MotionEncoder",
+    "appearance_encoder": "AppearanceEncoder",
+    "flow_estimator": "FlowEstimator",
+    "face_decoder": "FaceDecoder",
+}
+
+
+@dataclass
+class PortraitEncoding:
+    """latent: the portrait's motion latent [1, latent_dim]; features: its appearance feature volume;
+    image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution;
+    landmarks: its face mesh [478, 3] in crop pixels, which generated motion moves."""
+
+    latent: torch.Tensor
+    features: torch.Tensor
+    image: torch.Tensor
+    landmarks: np.ndarray
+
+
+def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → [B, 3, H, W] in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return (tensor.to(device=device, dtype=torch.float32) / 127.5 - 1).to(dtype)
+
+
+class INFPPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = (
+        "audio_encoder->motion_guider->motion_transformer->motion_encoder->appearance_encoder->flow_estimator"
+        "->face_decoder"
+    )
+    _callback_tensor_inputs = ["latents", "noise_pred"]
+    # A stage-1 checkpoint (face renderer only) has no motion model yet; it can still reenact faces.
+    _optional_components = ["motion_guider", "motion_transformer"]
+
+    def __init__(
+        self,
+        audio_encoder: ModelMixin,
+        motion_guider: ModelMixin | None,
+        motion_transformer: ModelMixin | None,
+        scheduler: DDIMScheduler,
+        motion_encoder: ModelMixin,
+        appearance_encoder: ModelMixin,
+        flow_estimator: ModelMixin,
+        face_decoder: ModelMixin,
+    ):
+        super().__init__()
+        self.register_modules(
+            audio_encoder=audio_encoder,
+            motion_guider=motion_guider,
+            motion_transformer=motion_transformer,
+            scheduler=scheduler,
+            motion_encoder=motion_encoder,
+            appearance_encoder=appearance_encoder,
+            flow_estimator=flow_estimator,
+            face_decoder=face_decoder,
+        )
+        self._face_processor = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved or exported folder (or Hub repo id) with this package's own classes.
+
+        Saved folders also carry a copy of the code for `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`; here those copies are never executed (diffusers would run the folder's
+        pipeline file whenever one is present, so the components are loaded one by one instead).
+        Components passed as keyword arguments are used as they are. Supported options: `torch_dtype`,
+        `variant`, `use_safetensors` and, for Hub repos, `revision`, `token`, `cache_dir`, `local_files_only`.
+        """
+        if kwargs.pop("trust_remote_code", False):
+            return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+        components = {name: kwargs.pop(name) for name in [*COMPONENT_CLASSES, "scheduler"] if name in kwargs}
+        load_kwargs = {key: kwargs.pop(key) for key in ("torch_dtype", "variant", "use_safetensors") if key in kwargs}
+        download_kwargs = {
+            key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
+        }
+        if kwargs:
+            raise TypeError(f"Unsupported from_pretrained options: {', '.join(sorted(kwargs))}.")
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            path = snapshot_download(path, **download_kwargs)
+        for name, class_name in COMPONENT_CLASSES.items():
+            if name in components:
+                continue
+            if name in cls._optional_components and not os.path.isdir(os.path.join(path, name)):
+                components[name] = None
+            else:
+                components[name] = getattr(models, class_name).from_pretrained(path, subfolder=name, **load_kwargs)
+        if "scheduler" not in components:
+            components["scheduler"] = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        pipe = cls(**components)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save in Hub layout, self-contained: weights, configs and a copy of the code (see `pipeline_infp.hub`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        make_self_contained(self, save_directory)
+
+    @property
+    def fps(self) -> float:
+        return float(self.audio_encoder.config.fps)
+
+    @property
+    def face_processor(self) -> FaceProcessor:
+        if self._face_processor is None:
+            self._face_processor = FaceProcessor()
+        return self._face_processor
+
+    # 1. Inputs -----------------------------------------------------------------------------------
+
+    def prepare_portrait(self, portrait, image_size: int) -> FaceCrop:
+        if isinstance(portrait, FaceCrop):
+            return portrait
+        return self.face_processor.crop_portrait(portrait, size=image_size)
+
+    def prepare_audio(self, audio_self, audio_other, max_duration: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Both tracks as 16 kHz mono of equal length; a missing partner track is silence."""
+        own = load_audio(audio_self, name="own voice")
+        partner = np.zeros_like(own) if audio_other is None else load_audio(audio_other, name="partner voice")
+        if max_duration is not None:
+            check_duration(own, max_duration, name="own voice")
+            check_duration(partner, max_duration, name="partner voice")
+        if is_silent(own) and is_silent(partner):
+            raise SilentAudioError(
+                "Both audio tracks are silent: the head would have nothing to say or react to. "
+                "Give the agent's own voice and/or the partner's voice with audible speech."
+            )
+        own, partner = pad_to_same_length(own, partner)
+        return own, partner
+
+    @torch.no_grad()
+    def encode_portrait(self, face: FaceCrop) -> PortraitEncoding:
+        """Everything the renderer needs from the portrait, computed once per video."""
+        device, dtype = self._execution_device, self.appearance_encoder.dtype
+        image = image_to_tensor(face.image[None], device, dtype)
+        latent = self.encode_motion(face.image[None], face.landmarks[None])
+        landmarks = np.asarray(face.landmarks, dtype=np.float32)
+        return PortraitEncoding(
+            latent=latent, features=self.appearance_encoder(image), image=image, landmarks=landmarks
+        )
+
+    @torch.no_grad()
+    def encode_motion(
+        self, crops: np.ndarray, landmarks: np.ndarray, reference_landmarks: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Motion latents [T, latent_dim] of face crops (uint8 [T, S, S, 3]) with their mesh landmarks [T, 478, 3]:
+        the mesh's motion relative to `reference_landmarks` (a frame of the same face with a neutral, closed-mouth
+        expression at best; default: the first frame) and INFP's hybrid representation (eyes and lips kept,
+        face outline drawn). Crops of one sequence must share one crop frame for the motion to include the head's."""
+        reference = landmarks[0] if reference_landmarks is None else reference_landmarks
+        hybrids = np.stack([hybrid_representation(c, lm) for c, lm in zip(crops, landmarks)])
+        device, dtype = self._execution_device, self.motion_encoder.dtype
+        offsets = torch.from_numpy(landmark_offsets(landmarks, reference)).to(device)
+        return self.motion_encoder(image_to_tensor(hybrids, device, dtype), offsets)
+
+    @torch.no_grad()
+    def encode_reference_motion(self, frames: np.ndarray, image_size: int) -> torch.Tensor:
+        """Motion latents [L, latent_dim] of a reference clip's frames (uint8 [T, H, W, 3])."""
+        track = self.face_processor.track_video(frames, size=image_size)
+        return self.encode_motion(track.crops, track.landmarks)
+
+    def prepare_style(self, style, image_size: int) -> torch.Tensor | None:
+        """None, a preset name, a style vector [style_dim], reference motion latents [L, latent_dim],
+        or a reference clip (video path or uint8 frames [T, H, W, 3]) → style vector or None."""
+        if style is None:
+            return None
+        guider = self.motion_guider
+        if isinstance(style, str) and not Path(style).suffix:
+            return guider.style_preset(style)
+        if isinstance(style, torch.Tensor) and style.ndim == 1:
+            if style.shape[0] != guider.config.style_dim:
+                raise ValueError(f"A style vector must have {guider.config.style_dim} values, got {style.shape[0]}.")
+            return style.to(self._execution_device, guider.dtype)
+        if isinstance(style, torch.Tensor) and style.ndim == 2:
+            motion = style
+        else:
+            frames = read_video(style)[0] if isinstance(style, (str, Path)) else np.asarray(style)
+            motion = self.encode_reference_motion(frames, image_size)
+        with torch.no_grad():
+            return guider.encode_style(motion.to(self._execution_device, guider.dtype))[0]
+
+    # 2. Audio ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_audio(self, own: np.ndarray, partner: np.ndarray, num_frames: int) -> torch.Tensor:
+        """Whisper features [2, num_frames, feature_dim] for (own, partner)."""
+        waveforms = torch.from_numpy(np.stack([own, partner])).to(self._execution_device, self.audio_encoder.dtype)
+        return self.audio_encoder(waveforms, num_frames=num_frames)
+
+    # 3. Guide ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def guide(self, audio_features, activity, style) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """f_m [1, T, D] with the style, and without it (None when there is no style)."""
+        guider = self.motion_guider
+        own, partner = audio_features.to(guider.dtype).chunk(2)
+        kwargs = dict(own_activity=activity[:1], partner_activity=activity[1:])
+        styled = guider(own, partner, style=style, **kwargs).motion_features
+        plain = guider(own, partner, style=None, **kwargs).motion_features if style is not None else None
+        return styled, plain
+
+    # 4. Denoise ----------------------------------------------------------------------------------
+
+    def denoise_window(
+        self,
+        motion_features: torch.Tensor,
+        plain_motion_features: torch.Tensor | None,
+        prev_latents: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        style_guidance_scale: float,
+        generator,
+        eta: float,
+        window_index: int,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
+        progress_bar,
+    ) -> torch.Tensor:
+        """One window of normalised motion latents [1, W, latent_dim].
+
+        Classifier-free guidance with separate audio and style scales, all branches in one batch:
+            eps = eps_a + (g_a - 1)(eps_a - eps_uncond) + g_s (eps_styled - eps_a)
+        where eps_a uses f_m without style and eps_uncond drops f_m. The previous-window latents are
+        kept in every branch so guidance never pushes the motion away from continuity.
+        """
+        transformer = self.motion_transformer
+        length = motion_features.shape[1]
+        latents = randn_tensor(
+            (1, length, transformer.config.latent_dim), generator=generator, device=self._execution_device,
+            dtype=transformer.dtype,
+        )  # fmt: skip
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        styled = plain_motion_features is not None
+        branches = [plain_motion_features if styled else motion_features]
+        if styled:
+            branches.append(motion_features)
+        use_cfg = guidance_scale != 1.0
+        if use_cfg:
+            branches.append(motion_features)  # content ignored: dropped below
+        features = torch.cat(branches)
+        drop = torch.zeros(len(branches), dtype=torch.bool, device=features.device)
+        drop[-1] = use_cfg
+        prev = prev_latents.expand(len(branches), -1, -1)
+
+        for i, t in enumerate(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t).expand(len(branches), -1, -1)
+            eps = transformer(model_input, t, features, prev, drop_motion_features=drop).sample
+            noise_pred = eps[:1]
+            if use_cfg:
+                noise_pred = noise_pred + (guidance_scale - 1.0) * (eps[:1] - eps[-1:])
+            if styled:
+                noise_pred = noise_pred + style_guidance_scale * (eps[1:2] - eps[:1])
+            latents = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "noise_pred": noise_pred}
+                outputs = callback_on_step_end(
+                    self, window_index * num_inference_steps + i, t,
+                    {k: local[k] for k in callback_on_step_end_tensor_inputs},
+                )  # fmt: skip
+                latents = outputs.pop("latents", latents)
+            progress_bar.update()
+        return latents
+
+    # 5. Render -----------------------------------------------------------------------------------
+
+    def prior_flows(self, portrait: PortraitEncoding, motion_latents: torch.Tensor) -> torch.Tensor:
+        """The geometric prior flows [T, 2, s, s] (s: the renderer's working size) that move the portrait's mesh
+        to the meshes the latents decode to."""
+        offsets = self.motion_encoder.decode_landmark_offsets(motion_latents).float().cpu().numpy()
+        size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
+        flows = [
+            prior_flow(portrait.landmarks, apply_landmark_offsets(portrait.landmarks, o), size, working)[0]
+            for o in offsets
+        ]
+        return torch.from_numpy(np.stack(flows)).to(motion_latents.device)
+
+    @torch.no_grad()
+    def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
+        dtype = self.flow_estimator.dtype
+        frames = []
+        for start in range(0, motion_latents.shape[0], batch_size):
+            driving = motion_latents[start : start + batch_size].to(dtype)
+            prior = self.prior_flows(portrait, driving).to(dtype)
+            flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype), prior)
+            image = self.face_decoder(
+                portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
+            ).sample
+            frames.append(((image.float() + 1) / 2).clamp(0, 1))
+        return torch.cat(frames)
+
+    # Putting it together -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        portrait,
+        audio_self,
+        audio_other=None,
+        style=None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.5,
+        style_guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        image_size: int = 256,
+        paste_back: bool = False,
+        max_duration: float | None = None,
+        render_batch_size: int = 16,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> INFPPipelineOutput | tuple:
+        """
+        Args:
+            portrait: a path, PIL image, uint8 array or a `FaceCrop`: one photo with one clearly visible face.
+            audio_self: the agent's own voice: a path, a `(sample_rate, array)` tuple or a 16 kHz array.
+            audio_other: the partner's voice in the same forms, or None for silence. Tracks of different
+                lengths are padded with silence to the longer one.
+            style: None, a preset name (`self.motion_guider.style_preset_names`), a style vector, reference
+                motion latents [L, latent_dim], or a reference clip (video path or uint8 frames).
+            num_inference_steps: DDIM steps per window.
+            guidance_scale: classifier-free guidance scale for the audio-derived motion features.
+            style_guidance_scale: extra guidance towards the style (used only with a style).
+            image_size: side of the square face crop that is rendered.
+            paste_back: return full portrait frames with the generated face pasted in, instead of the crop.
+            max_duration: reject tracks longer than this many seconds.
+            output_type: "pil", "np", "pt" or "latent" (motion latents only, nothing rendered).
+            callback_on_step_end: called as `fn(pipe, step, timestep, tensors)` after every denoising step
+                (steps are counted across windows); may return {"latents": ...} to replace them.
+        """
+        if self.motion_guider is None or self.motion_transformer is None:
+            raise ValueError(
+                "This pipeline has only the stage-1 face renderer: it can reenact faces (`encode_motion`, `render`) "
+                "but has no audio-to-motion model. Load a checkpoint trained with training/train_motion.py."
+            )
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}.")
+        device = self._execution_device
+        transformer = self.motion_transformer
+        window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
+
+        # 1. Prepare inputs
+        face = self.prepare_portrait(portrait, image_size)
+        own, partner = self.prepare_audio(audio_self, audio_other, max_duration)
+        num_frames = max(1, round(len(own) / SAMPLE_RATE * self.fps))
+        num_windows = -(-num_frames // window)
+        padded_frames = num_windows * window
+        padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
+        own_padded, partner_padded = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
+        style_vector = self.prepare_style(style, image_size)
+        portrait_encoding = self.encode_portrait(face)
+
+        # 2. Encode audio
+        audio_features = self.encode_audio(own_padded, partner_padded, padded_frames)
+        activity = torch.from_numpy(
+            np.stack([voice_activity(x, padded_frames, fps=self.fps) for x in (own_padded, partner_padded)])
+        ).to(device)
+
+        # 3. Guide
+        motion_features, plain_motion_features = self.guide(audio_features, activity, style_vector)
+        motion_features = motion_features.to(transformer.dtype)
+        if plain_motion_features is not None:
+            plain_motion_features = plain_motion_features.to(transformer.dtype)
+
+        # 4. Denoise window by window; the first window continues from the portrait's own motion.
+        source_latent = portrait_encoding.latent.to(transformer.dtype)
+        prev = transformer.normalize_latents(source_latent).unsqueeze(1).expand(-1, num_prev, -1)
+        windows = []
+        with self.progress_bar(total=num_windows * num_inference_steps) as progress_bar:
+            for w in range(num_windows):
+                span = slice(w * window, (w + 1) * window)
+                latents = self.denoise_window(
+                    motion_features[:, span],
+                    None if plain_motion_features is None else plain_motion_features[:, span],
+                    prev, num_inference_steps, guidance_scale, style_guidance_scale, generator, eta, w,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar,
+                )  # fmt: skip
+                windows.append(latents)
+                prev = latents[:, -num_prev:]
+        motion_latents = transformer.denormalize_latents(torch.cat(windows, dim=1))[0, :num_frames]
+
+        mixed_audio = mix_tracks(own, partner)[: round(num_frames / self.fps * SAMPLE_RATE)]
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            if not return_dict:
+                return (None, motion_latents, self.fps, mixed_audio)
+            return INFPPipelineOutput(frames=None, motion_latents=motion_latents, fps=self.fps, audio=mixed_audio)
+
+        # 5. Render
+        frames = self.render(portrait_encoding, motion_latents, render_batch_size)
+        self.maybe_free_model_hooks()
+
+        # 6. Output
+        if paste_back:
+            uint8 = (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            frames = torch.from_numpy(paste_back_frames(uint8, face)).permute(0, 3, 1, 2).float() / 255
+        if output_type == "np":
+            frames = frames.permute(0, 2, 3, 1).cpu().float().numpy()
+        elif output_type == "pil":
+            frames = self.numpy_to_pil(frames.permute(0, 2, 3, 1).cpu().float().numpy())
+        if not return_dict:
+            return (frames, motion_latents, self.fps, mixed_audio)
+        return INFPPipelineOutput(frames=frames, motion_latents=motion_latents, fps=self.fps, audio=mixed_audio)
