@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_head_imitation import checkpoints  # noqa: E402
 
 from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
-from pipeline_infp.presets import component_class, component_config  # noqa: E402
+from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
 from pipeline_infp.processing import FaceCrop, mouth_aperture, write_video  # noqa: E402
 from prepared import PreparedClip, PreparedDataset  # noqa: E402
 
@@ -306,7 +306,7 @@ def assemble(renderer: INFPPipeline, model: MotionModel) -> INFPPipeline:
     """A complete pipeline: the stage-1 renderer and audio encoder with (copies of) the trained motion model."""
     parts = {name: copy.deepcopy(getattr(model, name)).float().eval() for name in MOTION_MODEL}
     others = {name: component for name, component in renderer.components.items() if name not in parts}
-    return INFPPipeline(**others, **parts)
+    return INFPPipeline(**{**others, "scheduler": make_scheduler()}, **parts)
 
 
 @torch.no_grad()
@@ -393,7 +393,7 @@ def main(argv=None):
     transformer.latent_mean.copy_(torch.from_numpy(every.mean(0)))
     transformer.latent_std.copy_(torch.from_numpy(every.std(0)).clamp_min(1e-4))
 
-    scheduler = renderer.scheduler
+    scheduler = make_scheduler()  # the motion model's own schedule, whatever the renderer folder holds
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
