@@ -466,6 +466,29 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """`accelerator.save_state` to `checkpoint-<step>`, keeping only the newest `keep` checkpoints."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        existing = checkpoints(output_dir)
+        for old in existing[: max(0, len(existing) - keep + 1)]:
+            shutil.rmtree(old)
+    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+
+
+def resume(accelerator: Accelerator, resume_from: str | None, output_dir: Path) -> int:
+    """Load the state of a checkpoint folder or of the newest one ("latest"); returns its step (0: none)."""
+    if not resume_from:
+        return 0
+    path = next(reversed(checkpoints(output_dir)), None) if resume_from == "latest" else Path(resume_from)
+    if path is None:
+        logger.info("No checkpoint in %s: starting from scratch.", output_dir)
+        return 0
+    accelerator.load_state(str(path))
+    logger.info("Resumed from %s", path)
+    return int(path.name.split("-")[1])
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -506,19 +529,8 @@ def main(argv=None):
         renderer, discriminator, optimizer, optimizer_d, loader
     )
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            path = next(reversed(checkpoints(output_dir)), None)
-        else:
-            path = Path(args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
-        else:
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[1])
-            dataset.resumed_at = global_step
-            logger.info("Resumed from %s at step %d", path, global_step)
+    global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
+    dataset.resumed_at = global_step  # new random draws, and the dataset knows how far training is
     dataset.landmark_basis = accelerator.unwrap_model(renderer).motion_encoder.landmark_basis.cpu().numpy()
     validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis)
 
@@ -576,12 +588,7 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                existing = checkpoints(output_dir)
-                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(old)
-            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process:  # the latest renderer, ready for the evaluation command
                 export_pipeline(copy.deepcopy(accelerator.unwrap_model(renderer)), output_dir / "pipeline")
         if (

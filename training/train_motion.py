@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_head_imitation import checkpoints  # noqa: E402
+from train_head_imitation import resume, save_checkpoint  # noqa: E402
 
 from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
 from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
@@ -397,19 +397,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            path = next(reversed(checkpoints(output_dir)), None)
-        else:
-            path = Path(args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
-        else:
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[1])
-            dataset.resumed_at = global_step
-            logger.info("Resumed from %s at step %d", path, global_step)
+    global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
+    dataset.resumed_at = global_step  # new random draws, and the dataset knows how far training is
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     start, first_step = time.perf_counter(), global_step
@@ -441,12 +430,7 @@ def main(argv=None):
         accelerator.log({"loss": loss.item()}, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                existing = checkpoints(output_dir)
-                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(old)
-            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process:
                 export(accelerator.unwrap_model(model), renderer, data, motion, args, output_dir / "pipeline")
         validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
