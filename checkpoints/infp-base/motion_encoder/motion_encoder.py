@@ -20,6 +20,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+MAX_GEOMETRY = 6.0
+
 
 class MotionEncoder(ModelMixin, ConfigMixin):
     """(hybrid representation [B, 3, H, W] in [-1, 1], landmark offsets [B, N, 3]) → motion latent [B, latent_dim];
@@ -82,8 +84,10 @@ class MotionEncoder(ModelMixin, ConfigMixin):
         return offsets.flatten(1).to(self.landmark_basis) @ self.landmark_basis.T / self.landmark_scale
 
     def decode_landmark_offsets(self, latents: torch.Tensor) -> torch.Tensor:
-        """Motion latents [B, latent_dim] → landmark offsets [B, N, 3]."""
+        """Motion latents [B, latent_dim] → landmark offsets [B, N, 3]. The geometric values have unit spread over
+        the training motion; they are clamped to ±MAX_GEOMETRY so that no generated outlier can fold the face."""
         geometry = latents[:, : self.config.landmark_components].to(self.landmark_basis)
+        geometry = geometry.clamp(-MAX_GEOMETRY, MAX_GEOMETRY)
         return ((geometry * self.landmark_scale) @ self.landmark_basis).reshape(len(latents), -1, 3)
 
     def forward(self, hybrid: torch.Tensor, landmark_offsets: torch.Tensor) -> torch.Tensor:
