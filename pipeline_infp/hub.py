@@ -58,6 +58,10 @@ def export_for_hub(
                 # nn.Module.to: ModelMixin.to warns about fp32-pinned modules, which these models do not have.
                 torch.nn.Module.to(component, dtype=torch_dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
+    for config_path in folder.rglob("*.json"):  # where it was loaded from on the machine that exported it
+        config = json.loads(config_path.read_text())
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if not include_audio_encoder_weights:
         for weights in (folder / "audio_encoder").glob("*.safetensors"):
             weights.unlink()

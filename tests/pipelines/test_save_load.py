@@ -109,6 +109,11 @@ def test_exported_folder_without_whisper_weights_converts_them_on_load(saved, fa
     assert not list((folder / "audio_encoder").glob("*.safetensors"))
     assert (folder / "audio_encoder" / "config.json").is_file()
     assert (folder / "README.md").read_text() == card.read_text()
+    # A pipeline loaded from a folder remembers its path; the export must not carry that local path.
+    loaded = INFPPipeline.from_pretrained(saved[1])
+    assert loaded.config["_name_or_path"] == str(saved[1])
+    reexported = export_for_hub(loaded, tmp_path / "again", model_card=card)
+    assert not any("_name_or_path" in path.read_text() for path in reexported.rglob("*.json"))
 
     own = speech(0.5)
     expected = generate(pipe, face, own)
