@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline_infp.evaluate import _machine, _round, iter_crops, pearson, read_manifest, spread, track_clip
 from pipeline_infp.motion_features import MotionFeatureSpace
 from pipeline_infp.motion_metrics import (
     blinks_per_minute,
@@ -103,7 +104,6 @@ class Reader:
 def track_items(entries, processor, args, split: str, count: int | None = None) -> list[dict]:
     """Talking clips of a split (`count` of them spread over the list, or all) with their fixed-crop frames,
     landmarks and own audio, capped at --max-seconds."""
-    from pipeline_infp.evaluate import iter_crops, spread, track_clip
 
     frames_cap = round(args.max_seconds * args.fps)
     items = []
@@ -174,15 +174,7 @@ def boundary_ratio(latents: torch.Tensor, window: int) -> float:
     return float(steps[at].mean() / max(steps[~at].mean(), 1e-12))
 
 
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or a.std() < 1e-9 or b.std() < 1e-9:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def run_motion(args: argparse.Namespace) -> dict:
-    from pipeline_infp.evaluate import _machine, _round, read_manifest
     from pipeline_infp.pipeline_infp import INFPPipeline
 
     start_time = time.perf_counter()
@@ -271,16 +263,15 @@ def run_motion(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------- per item
 
 
-def _record(landmarks, found, space, item_vad, audio, num_frames, fps) -> dict:
+def _record(landmarks, found, space, audio_series: dict) -> dict:
+    """Per-frame series of one method's output; `audio_series` (the item's voice activity and own-track
+    features, computed once per item) is shared by every method's record."""
     return {
         "features": space.transform(landmarks),
         "mouth": mouth_aperture(landmarks),
         "eye": eye_aperture(landmarks),
         "found": found,
-        "own_vad": item_vad[0],
-        "partner_vad": item_vad[1],
-        "speech": speech_features(audio, num_frames, fps),
-        "energy": speech_energy(audio, num_frames, fps),
+        **audio_series,
     }
 
 
@@ -307,13 +298,18 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         own, partner = np.pad(own, (0, length - len(own))), np.pad(partner, (0, length - len(partner)))
     frames, latents = generate(pipe, face, own, partner, args.steps, args.guidance_scale, args.seed)
     num_frames = len(frames)
-    vad = (voice_activity(own, num_frames, fps=fps), voice_activity(partner, num_frames, fps=fps))
-    records = {"generated": _record(*read(frames), space, vad, own, num_frames, fps)}
+    audio_series = {
+        "own_vad": voice_activity(own, num_frames, fps=fps),
+        "partner_vad": voice_activity(partner, num_frames, fps=fps),
+        "speech": speech_features(own, num_frames, fps),
+        "energy": speech_energy(own, num_frames, fps),
+    }
+    records = {"generated": _record(*read(frames), space, audio_series)}
     records["generated"]["boundary"] = boundary_ratio(latents, window)
 
     portrait_landmarks, found = read(face.image[None])
     records["static"] = _record(
-        np.repeat(portrait_landmarks, num_frames, 0), np.repeat(found, num_frames), space, vad, own, num_frames, fps
+        np.repeat(portrait_landmarks, num_frames, 0), np.repeat(found, num_frames), space, audio_series
     )
     encoding = pipe.encode_portrait(face)
     for method, motion in (
@@ -321,16 +317,14 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         ("retrieval", retrieve(bank, own, num_frames, fps)),
     ):
         rendered = _uint8(pipe.render(encoding, motion.to(pipe.device)).permute(0, 2, 3, 1).cpu().float().numpy())
-        records[method] = _record(*read(rendered), space, vad, own, num_frames, fps)
+        records[method] = _record(*read(rendered), space, audio_series)
     if item["kind"] == "talking":
         # Ground truth on the timeline of its kept frames; every method is compared at those frames.
         keep = item["indices"][item["indices"] < num_frames]
-        truth = _record(item["landmarks"][: len(keep)], np.ones(len(keep), bool), space,
-                        (vad[0][keep], vad[1][keep]), own, num_frames, fps)  # fmt: skip
-        truth["speech"], truth["energy"] = truth["speech"][keep], truth["energy"][keep]
-        records["ground truth"] = truth
+        kept_series = {k: v[keep] for k, v in audio_series.items()}
+        records["ground truth"] = _record(item["landmarks"][: len(keep)], np.ones(len(keep), bool), space, kept_series)
         for method in METHODS:
-            per_frame = ("features", "mouth", "eye", "found", "own_vad", "partner_vad", "speech", "energy")
+            per_frame = ("features", "mouth", "eye", "found", *audio_series)
             records[method]["aligned"] = {k: records[method][k][keep] for k in per_frame}
     for record in records.values():
         record["kind"] = item["kind"]
@@ -378,8 +372,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
                 np.mean(
                     [
                         abs(
-                            _pearson(_energy(r["features"]), t["energy"])
-                            - _pearson(_energy(t["features"]), t["energy"])
+                            pearson(_energy(r["features"]), t["energy"]) - pearson(_energy(t["features"]), t["energy"])
                         )
                         for r, t in zip(compared, truth)
                     ]
@@ -389,7 +382,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
             "mouth_corr": float(
                 np.mean(
                     [
-                        _pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5])
+                        pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5])
                         for r, t in zip(compared, truth)
                     ]
                 )
@@ -424,7 +417,7 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
             vad = voice_activity(item["audio"], len(frames), fps=pipe.fps) > 0.5
             mouth, truth_mouth = mouth_aperture(landmarks), mouth_aperture(item["landmarks"][: len(keep)])
             features.append(space.transform(landmarks)[keep])
-            mouth_corr.append(_pearson(mouth[keep][vad[keep]], truth_mouth[vad[keep]]))
+            mouth_corr.append(pearson(mouth[keep][vad[keep]], truth_mouth[vad[keep]]))
             accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == vad))
         fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
         rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),

@@ -466,6 +466,17 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def make_accelerator(args, output_dir: Path) -> Accelerator:
+    """The run's Accelerator (mixed precision, trackers, project folder) from the script's arguments."""
+    return Accelerator(
+        # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) form a gloo CPU group.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
     """`accelerator.save_state` to `checkpoint-<step>`, keeping only the newest `keep` checkpoints."""
     accelerator.wait_for_everyone()
@@ -492,13 +503,7 @@ def resume(accelerator: Accelerator, resume_from: str | None, output_dir: Path) 
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) form a gloo CPU group.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)

@@ -39,15 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_head_imitation import resume, save_checkpoint  # noqa: E402
+from train_head_imitation import make_accelerator, resume, save_checkpoint  # noqa: E402
 
 from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
 from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
@@ -356,12 +355,7 @@ def validate(pipe: INFPPipeline, data: PreparedDataset, step: int, output_dir: P
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if accelerator.is_main_process:
