@@ -15,9 +15,11 @@ mouth and eye apertures. Reported (DIM/ELP definitions where they exist): FD and
 MFCC) against the ground-truth frames, SID (k-means entropy, k = 40 on expression, 20 on pose, fitted on the
 ground truth), temporal variance, rPCC (|PCC(motion energy, speech energy) − the same for the ground truth|),
 MSE against the ground truth, mouth-aperture correlation with the ground truth on speech, the closed-mouth
-fraction where only the partner speaks, speaking/listening state accuracy against voice activity, blinks per
+fraction where only the partner speaks (closed in absolute terms, and opened no further than the portrait's own
+mouth), speaking/listening state accuracy against voice activity, blinks per
 minute, and the motion change at window boundaries relative to inside windows. `--sweep` adds a table over
-DDIM steps × guidance scale for choosing the defaults.
+DDIM steps × guidance scale for choosing the defaults; `--styles` measures how each style preset moves the
+rendered expression (mouth corners, brows, mouth and eye opening) against the neutral preset.
 """
 
 from __future__ import annotations
@@ -224,11 +226,11 @@ def run_motion(args: argparse.Namespace) -> dict:
             for method, value in results_for_item.items():
                 results[method].append(value)
         summary = summarise(results, space, args)
+        talking_items = [i for i in items if i["kind"] == "talking"]
+        styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
-            sweep = run_sweep(
-                pipe, [i for i in items if i["kind"] == "talking"][: args.sweep_items], read, space, args
-            )
+            sweep = run_sweep(pipe, talking_items[: args.sweep_items], read, space, args)
 
     note = (
         f"{sum(i['kind'] == 'talking' for i in items)} val talking clips and "
@@ -240,6 +242,8 @@ def run_motion(args: argparse.Namespace) -> dict:
     print(table)
     if sweep:
         print(format_sweep(sweep))
+    if styles:
+        print(format_styles(styles))
     out = {
         "command": "motion",
         "manifest": str(Path(args.manifest).resolve()),
@@ -249,6 +253,7 @@ def run_motion(args: argparse.Namespace) -> dict:
         "machine": _machine(args.device),
         "summary": summary,
         "sweep": sweep,
+        "styles": styles,
         "table": table,
         "items": [{k: v for k, v in i.items() if k in ("id", "kind")} for i in items],
     }
@@ -279,10 +284,10 @@ def _uint8(frames) -> np.ndarray:
     return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int):
+def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int, style: str | None = None):
     generator = torch.Generator().manual_seed(seed)
-    out = pipe(face, own, partner, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-               output_type="np")  # fmt: skip
+    out = pipe(face, own, partner, style=style, num_inference_steps=steps, guidance_scale=guidance,
+               generator=generator, output_type="np")  # fmt: skip
     return _uint8(out.frames), out.motion_latents
 
 
@@ -326,8 +331,9 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         for method in METHODS:
             per_frame = ("features", "mouth", "eye", "found", *audio_series)
             records[method]["aligned"] = {k: records[method][k][keep] for k in per_frame}
+    rest_mouth = float(mouth_aperture(portrait_landmarks[0]))
     for record in records.values():
-        record["kind"] = item["kind"]
+        record["kind"], record["rest_mouth"] = item["kind"], rest_mouth
     return records
 
 
@@ -389,9 +395,17 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
             ),  # fmt: skip
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
-        listening = [closed_mouth_fraction(r["mouth"], (r["own_vad"] < 0.5) & (r["partner_vad"] > 0.5)) for r in dual]
-        listening = [x for x in listening if not math.isnan(x)]
-        row["closed_mouth_listening"] = float(np.mean(listening)) if listening else None
+        # Closed: an inner-lip gap under 0.05 inter-ocular distances; "rest": opened by less than that beyond the
+        # portrait's own mouth (a portrait smiling with parted lips is not talking when it keeps that mouth).
+        for key, rest in (("closed_mouth_listening", False), ("rest_mouth_listening", True)):
+            listening = [
+                closed_mouth_fraction(
+                    r["mouth"] - (r["rest_mouth"] if rest else 0.0), (r["own_vad"] < 0.5) & (r["partner_vad"] > 0.5)
+                )
+                for r in dual
+            ]
+            listening = [x for x in listening if not math.isnan(x)]
+            row[key] = float(np.mean(listening)) if listening else None
         every = compared + dual
         row["state_accuracy"] = float(np.mean(np.concatenate([
             speaking_state(r["mouth"], fps) == (r["own_vad"] > 0.5) for r in every
@@ -425,11 +439,50 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
     return rows
 
 
+# Expression measures in inter-ocular units, image y pointing down: mouth corners (61, 291) above the inner-lip
+# centre (13, 14) when smiling; brows (105, 334) above the upper eyelids (159, 386) when surprised.
+def expression_measures(landmarks: np.ndarray) -> dict[str, float]:
+    points = np.asarray(landmarks, dtype=np.float64)[..., :2]
+    iod = np.linalg.norm(points[:, 33] - points[:, 263], axis=-1)
+    centre_y = (points[:, 13, 1] + points[:, 14, 1]) / 2
+    corners_y = (points[:, 61, 1] + points[:, 291, 1]) / 2
+    lids_y, brows_y = (points[:, 159, 1] + points[:, 386, 1]) / 2, (points[:, 105, 1] + points[:, 334, 1]) / 2
+    return {
+        "corner_lift": float(np.nanmean((centre_y - corners_y) / iod)),
+        "brow_raise": float(np.nanmean((lids_y - brows_y) / iod)),
+        "mouth_open": float(np.nanmean(mouth_aperture(landmarks))),
+        "eye_open": float(np.nanmean(eye_aperture(landmarks))),
+    }
+
+
+def run_styles(pipe, items, read, args) -> dict:
+    """Each style preset's change of the rendered expression against the neutral preset (mean over the items)."""
+    names = pipe.motion_guider.style_preset_names
+    if "neutral" not in names:
+        return {}
+    measures = {name: [] for name in names}
+    for item in items:
+        face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+        for name in names:
+            frames, _ = generate(pipe, face, item["audio"], None, args.steps, args.guidance_scale, args.seed, name)
+            landmarks, found = read(frames)
+            measures[name].append(expression_measures(landmarks[found]))
+    mean = {name: {k: float(np.mean([m[k] for m in rows])) for k in rows[0]} for name, rows in measures.items()}
+    return {name: {k: v - mean["neutral"][k] for k, v in row.items()} for name, row in mean.items()}
+
+
+def format_styles(effects: dict) -> str:
+    keys = ["corner_lift", "brow_raise", "mouth_open", "eye_open"]
+    body = [[name] + [f"{row[k]:+.4f}" for k in keys] for name, row in effects.items()]
+    return _table(["style − neutral", "mouth corners up", "brows up", "mouth open", "eyes open"], body)
+
+
 COLUMNS = [
     ("FD ↓", "fd", "{:.2f}"), ("P-FD ↓", "paired_fd", "{:.2f}"), ("SID exp", "sid_expression", "{:.2f}"),
     ("SID pose", "sid_pose", "{:.2f}"), ("Var", "variance", "{:.3f}"), ("rPCC ↓", "rpcc", "{:.3f}"),
     ("MSE ↓", "mse", "{:.3f}"), ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
-    ("closed mouth listening ↑", "closed_mouth_listening", "{:.1%}"), ("state acc ↑", "state_accuracy", "{:.1%}"),
+    ("closed mouth listening ↑", "closed_mouth_listening", "{:.1%}"),
+    ("rest mouth listening ↑", "rest_mouth_listening", "{:.1%}"), ("state acc ↑", "state_accuracy", "{:.1%}"),
     ("blinks/min", "blinks_per_min", "{:.1f}"), ("boundary/inside", "boundary_ratio", "{:.2f}"),
 ]  # fmt: skip
 
@@ -473,7 +526,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
     sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])
-    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep")
+    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep and --styles")
+    sub.add_argument("--styles", action="store_true", help="also measure each style preset against neutral")
     sub.add_argument("--size", type=int, default=256)
     sub.add_argument("--fps", type=float, default=25.0)
     sub.add_argument("--seed", type=int, default=0)

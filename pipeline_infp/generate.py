@@ -2,6 +2,11 @@
 
     python -m pipeline_infp.generate --portrait face.jpg --self-audio me.wav --other-audio you.wav \
         --checkpoint checkpoints/infp-base --out out.mp4
+    python -m pipeline_infp.generate --portrait face.jpg --conversation call.wav --agent-speaker 2 \
+        --checkpoint checkpoints/infp-base --out out.mp4
+
+`--conversation` takes one recording of two people and splits it by voice (`processing.diarize`); speaker 1 is
+whoever speaks first.
 """
 
 import argparse
@@ -12,14 +17,20 @@ import torch
 
 from pipeline_infp.pipeline_infp import INFPPipeline
 from pipeline_infp.presets import build_pipeline
-from pipeline_infp.processing import INFPInputError, write_video
+from pipeline_infp.processing import INFPInputError, load_audio, write_video
+from pipeline_infp.processing.diarize import conversation_tracks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--portrait", required=True, help="photo with one clearly visible face")
-    parser.add_argument("--self-audio", required=True, help="the agent's own voice (any common audio format)")
-    parser.add_argument("--other-audio", help="the partner's voice; silence when left out")
+    voices = parser.add_mutually_exclusive_group(required=True)
+    voices.add_argument("--self-audio", help="the agent's own voice (any common audio format)")
+    voices.add_argument("--conversation", help="one recording of both people, split into two tracks by voice")
+    parser.add_argument("--other-audio", help="the partner's voice (with --self-audio); silence when left out")
+    parser.add_argument(
+        "--agent-speaker", type=int, choices=[1, 2], default=1, help="with --conversation: which speaker is the agent"
+    )
     parser.add_argument("--out", required=True, help="output .mp4")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pipeline folder or Hub repo id")
@@ -33,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="side of the rendered face crop")
     parser.add_argument("--paste-back", action="store_true", help="paste the face back into the full portrait")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.conversation and args.other_audio:
+        parser.error("--other-audio goes with --self-audio; --conversation already holds both voices")
+    return args
 
 
 def main(argv=None) -> int:
@@ -45,10 +59,14 @@ def main(argv=None) -> int:
     pipe = pipe.to(args.device)
     start = time.perf_counter()
     try:
+        if args.conversation:
+            own, other = conversation_tracks(load_audio(args.conversation, name="conversation"), args.agent_speaker)
+        else:
+            own, other = args.self_audio, args.other_audio
         out = pipe(
             args.portrait,
-            args.self_audio,
-            args.other_audio,
+            own,
+            other,
             style=args.style,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,

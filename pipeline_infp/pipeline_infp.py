@@ -99,7 +99,7 @@ class INFPPipeline(DiffusionPipeline):
         "audio_encoder->motion_guider->motion_transformer->motion_encoder->appearance_encoder->flow_estimator"
         "->face_decoder"
     )
-    _callback_tensor_inputs = ["latents", "noise_pred"]
+    _callback_tensor_inputs = ["latents", "model_output"]
     # A stage-1 checkpoint (face renderer only) has no motion model yet; it can still reenact faces.
     _optional_components = ["motion_guider", "motion_transformer"]
 
@@ -290,9 +290,10 @@ class INFPPipeline(DiffusionPipeline):
         """One window of normalised motion latents [1, W, latent_dim].
 
         Classifier-free guidance with separate audio and style scales, all branches in one batch:
-            eps = eps_a + (g_a - 1)(eps_a - eps_uncond) + g_s (eps_styled - eps_a)
-        where eps_a uses f_m without style and eps_uncond drops f_m. The previous-window latents are
-        kept in every branch so guidance never pushes the motion away from continuity.
+            out = out_a + (g_a - 1)(out_a - out_uncond) + g_s (out_styled - out_a)
+        where `out` is the transformer's prediction (clean latents or noise, as the scheduler's prediction_type
+        says), out_a uses f_m without style and out_uncond drops f_m. The previous-window latents are kept in
+        every branch so guidance never pushes the motion away from continuity.
         """
         transformer = self.motion_transformer
         length = motion_features.shape[1]
@@ -317,15 +318,15 @@ class INFPPipeline(DiffusionPipeline):
 
         for i, t in enumerate(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t).expand(len(branches), -1, -1)
-            eps = transformer(model_input, t, features, prev, drop_motion_features=drop).sample
-            noise_pred = eps[:1]
+            outputs = transformer(model_input, t, features, prev, drop_motion_features=drop).sample
+            model_output = outputs[:1]
             if use_cfg:
-                noise_pred = noise_pred + (guidance_scale - 1.0) * (eps[:1] - eps[-1:])
+                model_output = model_output + (guidance_scale - 1.0) * (outputs[:1] - outputs[-1:])
             if styled:
-                noise_pred = noise_pred + style_guidance_scale * (eps[1:2] - eps[:1])
-            latents = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator).prev_sample
+                model_output = model_output + style_guidance_scale * (outputs[1:2] - outputs[:1])
+            latents = self.scheduler.step(model_output, t, latents, eta=eta, generator=generator).prev_sample
             if callback_on_step_end is not None:
-                local = {"latents": latents, "noise_pred": noise_pred}
+                local = {"latents": latents, "model_output": model_output}
                 outputs = callback_on_step_end(
                     self, window_index * num_inference_steps + i, t,
                     {k: local[k] for k in callback_on_step_end_tensor_inputs},

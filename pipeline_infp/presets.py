@@ -10,13 +10,13 @@ from pipeline_infp.models.audio_encoder import load_whisper_weights
 from pipeline_infp.pipeline_infp import COMPONENT_CLASSES, INFPPipeline
 
 
-def make_scheduler() -> DDIMScheduler:
+def make_scheduler(prediction_type: str = "sample") -> DDIMScheduler:
     """The motion transformer's noise schedule and sampler.
 
-    "trailing" spacing starts sampling from the noisiest timestep, which matters with few DDIM steps. With
-    noise prediction the first step divides by √ᾱ of that timestep: the cosine schedule's 2.4e-9 turned every
-    small error of an undertrained model into latents in the thousands, the scaled-linear schedule's 0.0047
-    keeps it at ×15. Clipping x0 to ±5 (latents are normalised to unit spread) guards against what remains.
+    The transformer predicts the clean latents ("sample"), as motion diffusion models usually do: at high noise
+    that is a direct regression of motion from audio, which suits learning lip sync from little data.
+    "trailing" spacing starts sampling from the noisiest timestep, which matters with few DDIM steps. Clipping
+    x0 to ±5 (latents are normalised to unit spread) guards against an undertrained model's outliers.
     """
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -25,7 +25,7 @@ def make_scheduler() -> DDIMScheduler:
         beta_schedule="scaled_linear",
         clip_sample=True,
         clip_sample_range=5.0,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         timestep_spacing="trailing",
     )
 

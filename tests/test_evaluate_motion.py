@@ -9,7 +9,7 @@ import torch
 
 from pipeline_infp import build_pipeline
 from pipeline_infp.evaluate import main
-from pipeline_infp.evaluate_motion import boundary_ratio, retrieve
+from pipeline_infp.evaluate_motion import boundary_ratio, expression_measures, retrieve
 
 VAL, TRAIN, PORTRAIT = "video-retalkin-4", "styletalk-feifeili-clip1", "liveportrait-source-s1"
 PAIR = ("infinitetalk-pair-man", "infinitetalk-pair-woman")
@@ -21,6 +21,20 @@ def test_boundary_ratio_sees_jumps_between_windows():
     jumpy = smooth.clone()
     jumpy[50:] += 1.0
     assert boundary_ratio(jumpy, 25) > 5
+
+
+def test_expression_measures_see_a_smile_and_raised_brows():
+    face = np.zeros((1, 478, 3))
+    face[0, 33, 0], face[0, 263, 0] = -1.0, 1.0  # inter-ocular distance 2
+    face[0, [13, 14, 61, 291], 1] = 3.0
+    face[0, [159, 386], 1], face[0, [105, 334], 1] = 0.0, -0.5
+    smile, surprise = face.copy(), face.copy()
+    smile[0, [61, 291], 1] -= 0.2  # corners up (image y points down)
+    surprise[0, [105, 334], 1] -= 0.4
+    neutral = expression_measures(face)
+    assert expression_measures(smile)["corner_lift"] - neutral["corner_lift"] == pytest.approx(0.1)
+    assert expression_measures(surprise)["brow_raise"] - neutral["brow_raise"] == pytest.approx(0.2)
+    assert expression_measures(smile)["brow_raise"] == neutral["brow_raise"]
 
 
 def test_retrieval_takes_the_second_with_the_nearest_audio():
@@ -49,6 +63,8 @@ def evaluation(shared_data, tmp_path_factory):
     pipe.motion_transformer.latent_std.fill_(0.01)
     with torch.no_grad():
         pipe.face_decoder.conv_out.bias[3] = 20.0
+    style_dim = pipe.motion_guider.config.style_dim
+    pipe.motion_guider.register_to_config(style_presets={"neutral": [0.0] * style_dim, "happy": [3.0] * style_dim})
     pipe.save_pretrained(tmp / "pipe")
     with open(shared_data / "manifest.csv", newline="") as handle:
         rows = {row["id"]: row for row in csv.DictReader(handle)}
@@ -59,7 +75,8 @@ def evaluation(shared_data, tmp_path_factory):
             writer.writerow({**rows[key], "path": str(shared_data / rows[key]["path"])})
     out = tmp / "motion.json"
     returned = main(["motion", "--manifest", str(tmp / "manifest.csv"), "--checkpoint", str(tmp / "pipe"),
-                     "--json", str(out), "--max-seconds", "2.5", "--steps", "2", "--no-progress"])  # fmt: skip
+                     "--json", str(out), "--max-seconds", "2.5", "--steps", "2", "--no-progress", "--styles",
+                     "--sweep-items", "1"])  # fmt: skip
     return returned, json.loads(out.read_text()), tmp
 
 
@@ -74,7 +91,11 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert summary["static"]["variance"] < 1e-9 and summary["static"]["sid_expression"] == 0
     assert summary["ground truth"]["closed_mouth_listening"] is None  # no ground truth for conversations
     assert summary["generated"]["closed_mouth_listening"] is not None
+    # The portrait kept as it is never opens its mouth beyond its own: a perfect listener by that measure.
+    assert summary["static"]["rest_mouth_listening"] == 1.0
     assert "boundary_ratio" in summary["generated"]
+    assert set(results["styles"]) == {"neutral", "happy"}  # each preset against neutral
+    assert all(value == 0 for value in results["styles"]["neutral"].values())
     kinds = [item["kind"] for item in results["items"]]
     assert kinds == ["talking", "dual", "dual"]
     for method in ("generated", "static", "random", "retrieval"):

@@ -14,8 +14,9 @@ from the shared data, so dyadic windows are built from one-sided clips:
 The first `--warmup_steps` use one-sided windows only (partner silent for talking clips), which initialises
 the verbal and non-verbal memory banks separately, as the paper does.
 
-Noise-prediction loss; AdamW (lr 1e-4, weight decay 1e-2); the style vector is zeroed with p = 0.3 and the
-motion features and previous-window latents are dropped with p = 0.5 each (classifier-free guidance).
+Denoising loss (the transformer predicts the clean latents, see `presets.make_scheduler`); AdamW (lr 1e-4,
+weight decay 1e-2); the style vector is zeroed with p = 0.3 and the motion features and previous-window
+latents are dropped with p = 0.5 each (classifier-free guidance).
 
     python training/train_motion.py --data_dir prepared --renderer checkpoints/infp-base \
         --output_dir runs/motion --config cpu
@@ -388,6 +389,7 @@ def main(argv=None):
     transformer.latent_std.copy_(torch.from_numpy(every.std(0)).clamp_min(1e-4))
 
     scheduler = make_scheduler()  # the motion model's own schedule, whatever the renderer folder holds
+    predicts_sample = scheduler.config.prediction_type == "sample"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -413,7 +415,7 @@ def main(argv=None):
         ]
         with accelerator.autocast():
             prediction = model(batch, noisy, timesteps, *drops)
-            loss = F.mse_loss(prediction.float(), noise)
+            loss = F.mse_loss(prediction.float(), target if predicts_sample else noise)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)

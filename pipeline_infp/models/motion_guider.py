@@ -96,8 +96,9 @@ class MotionGuider(ModelMixin, ConfigMixin):
         self.own_activity = nn.Parameter(torch.zeros(hidden_dim))
         self.partner_activity = nn.Parameter(torch.zeros(hidden_dim))
 
-        self.verbal_bank = nn.Parameter(torch.randn(bank_size, hidden_dim) * 0.02)
-        self.non_verbal_bank = nn.Parameter(torch.randn(bank_size, hidden_dim) * 0.02)
+        # Unit-scale prototypes: tiny ones make every query attend uniformly, and retrieval starts untrainably flat.
+        self.verbal_bank = nn.Parameter(torch.randn(bank_size, hidden_dim))
+        self.non_verbal_bank = nn.Parameter(torch.randn(bank_size, hidden_dim))
         self.verbal_modulation = ModulatedLinear(hidden_dim, style_dim)
         self.non_verbal_modulation = ModulatedLinear(hidden_dim, style_dim)
 
@@ -163,8 +164,13 @@ class MotionGuider(ModelMixin, ConfigMixin):
 
         verbal_bank = self.verbal_modulation(self.verbal_bank, style)
         non_verbal_bank = self.non_verbal_modulation(self.non_verbal_bank, style)
-        verbal = self.verbal_attn(self.verbal_norm(own_query), encoder_hidden_states=verbal_bank)
-        non_verbal = self.non_verbal_attn(self.non_verbal_norm(partner_query), encoder_hidden_states=non_verbal_bank)
+        # Residual retrieval, as in a transformer's cross-attention: the query's own audio detail (which syllable,
+        # now) reaches f_m beside the retrieved prototypes. Without it the lips never learned to follow the speech
+        # (mouth correlation 0.07 after 4000 CPU steps; 0.43 with it after 3200, `evaluate motion`).
+        verbal = own_query + self.verbal_attn(self.verbal_norm(own_query), encoder_hidden_states=verbal_bank)
+        non_verbal = partner_query + self.non_verbal_attn(
+            self.non_verbal_norm(partner_query), encoder_hidden_states=non_verbal_bank
+        )
         fused = verbal + non_verbal
         motion_features = fused + self.fusion_mlp(self.fusion_norm(fused))
         if not return_dict:

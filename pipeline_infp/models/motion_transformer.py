@@ -8,8 +8,10 @@ with every sub-layer conditioned on the diffusion timestep by adaLN-Zero. As in 
 one timestep projection is shared by all blocks and each block adds its own learned table, which keeps
 the model small enough to ship (per-block projections would be most of its weights). Temporal attention
 is what keeps consecutive windows continuous: its keys include the clean latents of the previous window's
-last `num_prev_frames` frames. For classifier-free guidance, f_m and the previous latents can be
-dropped per sample; dropped inputs are replaced by learned null embeddings.
+last `num_prev_frames` frames. Besides motion attention, each frame's f_m is also added to that frame's
+input token, so that with minutes of training data instead of INFP's hours the model need not first learn
+through attention which audio frame belongs to which motion frame. For classifier-free guidance, f_m and
+the previous latents can be dropped per sample; dropped inputs are replaced by learned null embeddings.
 
 Latents are predicted in a normalised space; `latent_mean` / `latent_std` (buffers saved with the
 weights) map to and from the motion encoder's space.
@@ -154,7 +156,7 @@ class MotionTransformer(ModelMixin, ConfigMixin):
                 prev = torch.where(keep, prev, null_prev.to(prev.dtype))
         prev = prev + self.pos_embed[:num_prev]
 
-        hidden = self.latent_in(sample) + self.pos_embed[num_prev : num_prev + length]
+        hidden = self.latent_in(sample) + motion  # frame-aligned audio cue; `motion` carries the positions
         timestep_modulation = self.timestep_modulation(temb).view(batch, 9, -1)
         for block in self.blocks:
             hidden = block(hidden, motion, prev, timestep_modulation)

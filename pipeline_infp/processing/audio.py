@@ -180,10 +180,11 @@ def voice_activity(
     floor_db: float = -50.0,
     min_gap: float = 0.25,
     min_burst: float = 0.1,
+    relative_threshold: float = 0.4,
 ) -> np.ndarray:
     """Energy-based speech/no-speech per video frame, float32 [num_frames] of 0/1.
 
-    Threshold: 40% of the way from the noise floor (10th percentile of frame levels) to the loud
+    Threshold: `relative_threshold` (40%) of the way from the noise floor (10th percentile of frame levels) to the loud
     level (95th percentile), never below `floor_db`: adapts to noisy and quiet recordings and to
     separated dialogue tracks whose pauses hold the partner's faint crosstalk. Then gaps
     shorter than `min_gap` s (pauses between words) are filled and bursts shorter than
@@ -197,7 +198,7 @@ def voice_activity(
     energy = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])[bounds]
     level = _db(np.sqrt(np.diff(energy) / (SAMPLE_RATE / fps)))
     noise, loud = np.percentile(level, [10, 95])
-    threshold = max(noise + 0.4 * (loud - noise), floor_db)
+    threshold = max(noise + relative_threshold * (loud - noise), floor_db)
     active = level > threshold
     active = _fill_runs(active, False, math.ceil(min_gap * fps))
     active = _fill_runs(active, True, math.ceil(min_burst * fps))

@@ -1,0 +1,197 @@
+"""Speed of each stage of the pipeline and of the whole, on this machine.
+
+    python benchmarks/speed.py --json speed.json                       # CPU here, CUDA on a GPU machine
+    python benchmarks/speed.py --checkpoint checkpoints/infp-base --seconds 10 --dtypes fp32 bf16 --runs 3
+
+Stages, in the pipeline's order: face crop (MediaPipe), portrait (appearance and motion encoding), audio
+encoding (Whisper on both tracks), guide (motion guider), motion generation (every window's DDIM loop with
+classifier-free guidance), rendering, video writing; then end to end (one `pipe(...)` call plus writing the
+mp4). Each is run `--warmup` times untimed, then `--runs` times; medians are reported. Frames per second are
+video frames (25 fps) per second of compute; first-frame latency is the time until the first frame could be
+shown without streaming (face crop + portrait + audio encoding + guide + the first window's motion + rendering
+one frame). Peak memory: CUDA's allocator peak, or the process's peak resident size on CPU.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline_infp import INFPPipeline
+from pipeline_infp.processing import SAMPLE_RATE, load_audio, voice_activity, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, runs: int, warmup: int) -> tuple[float, object]:
+    """Median seconds of `runs` calls after `warmup` untimed ones, and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def machine(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "device": device}  # fmt: skip
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def tracks(seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """The example conversation looped to `seconds`: own and partner voices."""
+    own, partner = (load_audio(ROOT / "examples" / f"conversation-{who}.wav") for who in ("man", "woman"))
+    length = round(seconds * SAMPLE_RATE)
+    return tuple(np.resize(track, length).astype(np.float32) for track in (own, partner))
+
+
+def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
+    device, runs, warmup = args.device, args.runs, args.warmup
+    pipe = pipe.to(device, DTYPES[dtype_name])
+    pipe.set_progress_bar_config(disable=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    own, partner = tracks(args.seconds)
+    transformer = pipe.motion_transformer
+    window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
+    num_frames = round(args.seconds * pipe.fps)
+    num_windows = -(-num_frames // window)
+    padded = num_windows * window
+    samples = round(padded / pipe.fps * SAMPLE_RATE)
+    own_padded, partner_padded = (np.pad(x, (0, max(0, samples - len(x)))) for x in (own, partner))
+    generator = torch.Generator(device)
+    times = {}
+
+    times["face crop"], face = timed(
+        lambda: pipe.prepare_portrait(str(args.portrait), args.size), device, runs, warmup
+    )
+    times["portrait"], portrait = timed(lambda: pipe.encode_portrait(face), device, runs, warmup)
+    times["audio encoding"], features = timed(
+        lambda: pipe.encode_audio(own_padded, partner_padded, padded), device, runs, warmup
+    )
+    activity = torch.from_numpy(
+        np.stack([voice_activity(x, padded, fps=pipe.fps) for x in (own_padded, partner_padded)])
+    ).to(device)
+    times["guide"], (motion_features, _) = timed(lambda: pipe.guide(features, activity, None), device, runs, warmup)
+    motion_features = motion_features.to(transformer.dtype)
+
+    def motion(windows: int):
+        prev = transformer.normalize_latents(portrait.latent.to(transformer.dtype)).unsqueeze(1)
+        prev = prev.expand(-1, num_prev, -1)
+        generator.manual_seed(0)
+        out = []
+        with pipe.progress_bar(total=windows * args.steps) as bar:
+            for w in range(windows):
+                latents = pipe.denoise_window(
+                    motion_features[:, w * window : (w + 1) * window], None, prev, args.steps, args.guidance_scale,
+                    1.0, generator, 0.0, w, None, ["latents"], bar,
+                )  # fmt: skip
+                out.append(latents)
+                prev = latents[:, -num_prev:]
+        return transformer.denormalize_latents(torch.cat(out, dim=1))[0, :num_frames]
+
+    times["motion generation"], latents = timed(lambda: motion(num_windows), device, runs, warmup)
+    times["first window motion"], _ = timed(lambda: motion(1), device, runs, warmup)
+    times["rendering"], frames = timed(
+        lambda: pipe.render(portrait, latents, args.render_batch_size), device, runs, warmup
+    )
+    times["render one frame"], _ = timed(lambda: pipe.render(portrait, latents[:1], 1), device, runs, warmup)
+    video = frames.permute(0, 2, 3, 1).float().cpu().numpy()
+    mixed = (own + partner)[: round(num_frames / pipe.fps * SAMPLE_RATE)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "out.mp4"
+        times["video writing"], _ = timed(lambda: write_video(path, video, pipe.fps, mixed), device, runs, warmup)
+
+        def end_to_end():
+            out = pipe(str(args.portrait), own, partner, num_inference_steps=args.steps,
+                       guidance_scale=args.guidance_scale, generator=generator.manual_seed(0), image_size=args.size,
+                       render_batch_size=args.render_batch_size, output_type="np")  # fmt: skip
+            write_video(path, out.frames, out.fps, out.audio)
+
+        times["end to end"], _ = timed(end_to_end, device, runs, warmup)
+
+    first_frame = sum(
+        times[k]
+        for k in ("face crop", "portrait", "audio encoding", "guide", "first window motion", "render one frame")
+    )
+    per_frame_stages = ("audio encoding", "guide", "motion generation", "rendering", "video writing", "end to end")
+    return {
+        "dtype": dtype_name,
+        "frames": num_frames,
+        "seconds": {k: round(v, 4) for k, v in times.items()},
+        "fps": {k: round(num_frames / times[k], 2) for k in per_frame_stages},
+        "motion ms per window": round(1000 * times["motion generation"] / num_windows, 2),
+        "first frame latency s": round(first_frame, 3),
+        "peak memory MB": round(peak_memory_mb(device), 1),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "infp-base"))
+    parser.add_argument("--portrait", default=ROOT / "examples" / "portrait-s1.jpg")
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio length (the example conversation looped)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=2.5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--render-batch-size", type=int, default=16)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    results = []
+    for name in args.dtypes:
+        pipe = INFPPipeline.from_pretrained(args.checkpoint)
+        try:
+            results.append(benchmark(pipe, args, name))
+        except (RuntimeError, NotImplementedError) as error:  # an op without a kernel for this dtype/device
+            results.append({"dtype": name, "unsupported": str(error).splitlines()[0]})
+    print(f"{args.seconds:g} s of audio, {args.steps} DDIM steps with CFG, {args.size}² on {args.device}")
+    print("| dtype | audio fps | motion fps | render fps | writing fps | end-to-end fps | first frame s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "unsupported" in r:
+            print(f"| {r['dtype']} | unsupported: {r['unsupported']} |")
+            continue
+        f = r["fps"]
+        cells = [r["dtype"], f["audio encoding"], f["motion generation"], f["rendering"], f["video writing"],
+                 f["end to end"], r["first frame latency s"], r["peak memory MB"]]  # fmt: skip
+        print("| " + " | ".join(map(str, cells)) + " |")
+    out = {"machine": machine(args.device), "settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

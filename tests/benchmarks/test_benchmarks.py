@@ -1,0 +1,51 @@
+"""The benchmark scripts on tiny inputs: they run, time every stage and score what they claim to."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_infp import build_pipeline
+from tests.utils import randomize
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_benchmark_times_every_stage(tmp_path):
+    pipe = build_pipeline("tiny", seed=0)
+    randomize(pipe.motion_transformer, seed=1)
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "speed.json"
+    result = load("speed").main(["--checkpoint", str(tmp_path / "pipe"), "--seconds", "1", "--steps", "2",
+                                 "--size", "64", "--runs", "1", "--warmup", "0", "--dtypes", "fp32",
+                                 "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    row = result["results"][0]
+    assert row["frames"] == 25
+    for stage in ("face crop", "audio encoding", "guide", "motion generation", "rendering", "end to end"):
+        assert row["seconds"][stage] > 0
+    assert row["fps"]["end to end"] == pytest.approx(25 / row["seconds"]["end to end"], rel=0.01)
+    assert row["first frame latency s"] < sum(row["seconds"].values())
+    assert "cpu_threads" in result["machine"]
+
+
+def test_diarization_scores_against_rttm_turns(tmp_path):
+    diarization = load("diarization")
+    rttm = tmp_path / "talk.rttm"
+    rttm.write_text(
+        "SPEAKER talk 1 0.00 1.00 <NA> <NA> anna <NA> <NA>\nSPEAKER talk 1 1.00 1.00 <NA> <NA> ben <NA> <NA>\n"
+    )
+    activity = diarization.rttm_activity(rttm, 50)
+    assert activity[:25, 0].all() and activity[25:, 1].all() and not activity[:25, 1].any()
+    perfect = np.r_[np.full(25, 2), np.full(25, 1)]  # cluster names swapped: still perfect
+    assert diarization.score(perfect, activity)["accuracy"] == 1.0
+    assert diarization.score(np.r_[np.full(25, 1), np.full(25, 1)], activity)["accuracy"] == 0.5
