@@ -9,7 +9,9 @@ classifier-free guidance), rendering, video writing; then end to end (one `pipe(
 mp4). Each is run `--warmup` times untimed, then `--runs` times; medians are reported. Frames per second are
 video frames (25 fps) per second of compute; first-frame latency is the time until the first frame could be
 shown without streaming (face crop + portrait + audio encoding + guide + the first window's motion + rendering
-one frame). Peak memory: CUDA's allocator peak, or the process's peak resident size on CPU.
+one frame). Streaming (`INFPPipeline.stream`, the audio fed in `--chunk-seconds` chunks as fast as it is
+taken): seconds until the first window's frames, and sustained frames per second over the whole stream.
+Peak memory: CUDA's allocator peak, or the process's peak resident size on CPU.
 """
 
 import argparse
@@ -137,6 +139,22 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
 
         times["end to end"], _ = timed(end_to_end, device, runs, warmup)
 
+    def streaming():
+        """Seconds until the first window's frames (once its audio has arrived), and for the whole stream."""
+        chunk = round(args.chunk_seconds * SAMPLE_RATE)
+        pieces = ((own[i : i + chunk], partner[i : i + chunk]) for i in range(0, len(own), chunk))
+        start, first = time.perf_counter(), None
+        stream = pipe.stream(face, pieces, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                             generator=generator.manual_seed(0), render_batch_size=args.render_batch_size)  # fmt: skip
+        for _ in stream:
+            sync(device)
+            first = first if first is not None else time.perf_counter() - start
+        return first, time.perf_counter() - start
+
+    for _ in range(warmup):
+        streaming()
+    first_window, total = (statistics.median(values) for values in zip(*[streaming() for _ in range(runs)]))
+
     first_frame = sum(
         times[k]
         for k in ("face crop", "portrait", "audio encoding", "guide", "first window motion", "render one frame")
@@ -149,6 +167,8 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
         "fps": {k: round(num_frames / times[k], 2) for k in per_frame_stages},
         "motion ms per window": round(1000 * times["motion generation"] / num_windows, 2),
         "first frame latency s": round(first_frame, 3),
+        "streaming first window s": round(first_window, 3),
+        "streaming fps": round(num_frames / total, 2),
         "peak memory MB": round(peak_memory_mb(device), 1),
     }
 
@@ -162,6 +182,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance-scale", type=float, default=2.5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--render-batch-size", type=int, default=16)
+    parser.add_argument("--chunk-seconds", type=float, default=0.2, help="audio chunk size fed to the stream")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -177,15 +198,17 @@ def main(argv=None) -> dict:
         except (RuntimeError, NotImplementedError) as error:  # an op without a kernel for this dtype/device
             results.append({"dtype": name, "unsupported": str(error).splitlines()[0]})
     print(f"{args.seconds:g} s of audio, {args.steps} DDIM steps with CFG, {args.size}² on {args.device}")
-    print("| dtype | audio fps | motion fps | render fps | writing fps | end-to-end fps | first frame s | peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dtype | audio fps | motion fps | render fps | writing fps | end-to-end fps | first frame s "
+          "| stream first window s | stream fps | peak MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "unsupported" in r:
             print(f"| {r['dtype']} | unsupported: {r['unsupported']} |")
             continue
         f = r["fps"]
         cells = [r["dtype"], f["audio encoding"], f["motion generation"], f["rendering"], f["video writing"],
-                 f["end to end"], r["first frame latency s"], r["peak memory MB"]]  # fmt: skip
+                 f["end to end"], r["first frame latency s"], r["streaming first window s"], r["streaming fps"],
+                 r["peak memory MB"]]  # fmt: skip
         print("| " + " | ".join(map(str, cells)) + " |")
     out = {"machine": machine(args.device), "settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json:

@@ -35,6 +35,7 @@ def test_speed_benchmark_times_every_stage(tmp_path):
         assert row["seconds"][stage] > 0
     assert row["fps"]["end to end"] == pytest.approx(25 / row["seconds"]["end to end"], rel=0.01)
     assert row["first frame latency s"] < sum(row["seconds"].values())
+    assert 0 < row["streaming first window s"] and row["streaming fps"] > 0
     assert "cpu_threads" in result["machine"]
 
 

@@ -195,3 +195,67 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     assert centre == pytest.approx(-2 * 0.1 * iod / IMAGE_SIZE, rel=0.05)
     frames = pipe.render(portrait, latents)
     assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1
+
+
+# Streaming: windows yielded as the audio arrives, continuous with each other, like __call__.
+
+
+def chunks(own, partner=None, seconds: float = 0.3, log: list | None = None):
+    size = round(seconds * SAMPLE_RATE)
+    for start in range(0, len(own), size):
+        if log is not None:
+            log.append(start + size)
+        yield own[start : start + size], None if partner is None else partner[start : start + size]
+
+
+def stream_all(pipe, face, own, partner=None, seed=0, log=None, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return list(pipe.stream(face, chunks(own, partner, log=log), num_inference_steps=2, generator=generator,
+                            image_size=IMAGE_SIZE, **kwargs))  # fmt: skip
+
+
+def test_windows_come_as_soon_as_their_audio_has_arrived(pipe, face):
+    window = pipe.motion_transformer.config.window_size
+    own, log, arrived = speech(1.37), [], []
+    generator = torch.Generator().manual_seed(0)
+    outputs = []
+    for out in pipe.stream(face, chunks(own, log=log), num_inference_steps=2, generator=generator,
+                           image_size=IMAGE_SIZE):  # fmt: skip
+        arrived.append(log[-1])
+        outputs.append(out)
+    # 34 frames in windows of 12: two full windows while streaming, the rest when the audio ends.
+    assert [len(o.frames) for o in outputs] == [12, 12, 10]
+    assert outputs[0].frames.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert arrived[0] < len(own)  # the first window did not wait for the whole track
+    assert arrived[0] >= window / 25 * SAMPLE_RATE
+    assert sum(len(o.audio) for o in outputs) == 34 * SAMPLE_RATE // 25
+
+
+def test_one_window_streams_exactly_like_the_whole_call(pipe, face):
+    own, partner = speech(0.4), speech(0.4, seed=1)
+    streamed = stream_all(pipe, face, own, partner)
+    whole = pipe(face, own, partner, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 image_size=IMAGE_SIZE, output_type="np")  # fmt: skip
+    assert len(streamed) == 1
+    np.testing.assert_allclose(streamed[0].frames, whole.frames, atol=1e-6)
+    torch.testing.assert_close(streamed[0].motion_latents, whole.motion_latents)
+
+
+def test_same_seed_same_stream_and_windows_continue_each_other(pipe, face):
+    own = speech(1.37)
+    first, second = stream_all(pipe, face, own), stream_all(pipe, face, own)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    latents = torch.cat([o.motion_latents for o in first])
+    assert latents.shape == (34, pipe.motion_transformer.config.latent_dim)
+    assert torch.isfinite(latents).all()
+
+
+def test_a_missing_motion_model_is_a_clear_error(pipe, face):
+    guider = pipe.motion_guider
+    pipe.motion_guider = None
+    try:
+        with pytest.raises(ValueError, match="stage 2"):
+            next(pipe.stream(face, chunks(speech(0.5))))
+    finally:
+        pipe.motion_guider = guider
