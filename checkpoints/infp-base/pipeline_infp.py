@@ -14,7 +14,7 @@ diffusers' `trust_remote_code` loader, so it uses absolute imports only.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,23 @@ COMPONENT_CLASSES = {
     "flow_estimator": "FlowEstimator",
     "face_decoder": "FaceDecoder",
 }
+
+
+@dataclass
+class INFPStreamOutput(BaseOutput):
+    """One window of `INFPPipeline.stream`: frames [n, S, S, 3] float in [0, 1], their motion latents
+    [n, latent_dim] and the two tracks mixed for those frames (16 kHz mono)."""
+
+    frames: np.ndarray
+    motion_latents: torch.Tensor
+    audio: np.ndarray
+
+
+class _NoProgress:
+    """A progress bar that shows nothing: streamed windows report themselves by being yielded."""
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 @dataclass
@@ -258,6 +275,19 @@ class INFPPipeline(DiffusionPipeline):
         waveforms = torch.from_numpy(np.stack([own, partner])).to(self._execution_device, self.audio_encoder.dtype)
         return self.audio_encoder(waveforms, num_frames=num_frames)
 
+    def motion_features_for(
+        self, own: np.ndarray, partner: np.ndarray, num_frames: int, style_vector
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 2-3 for tracks covering `num_frames` frames: Whisper features and voice activity of both tracks,
+        then the guider's f_m with the style and without it (None without a style), in the transformer's dtype."""
+        audio_features = self.encode_audio(own, partner, num_frames)
+        activity = torch.from_numpy(
+            np.stack([voice_activity(x, num_frames, fps=self.fps) for x in (own, partner)])
+        ).to(self._execution_device)
+        styled, plain = self.guide(audio_features, activity, style_vector)
+        dtype = self.motion_transformer.dtype
+        return styled.to(dtype), None if plain is None else plain.to(dtype)
+
     # 3. Guide ------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -414,7 +444,6 @@ class INFPPipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}.")
-        device = self._execution_device
         transformer = self.motion_transformer
         window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
 
@@ -429,17 +458,10 @@ class INFPPipeline(DiffusionPipeline):
         style_vector = self.prepare_style(style, image_size)
         portrait_encoding = self.encode_portrait(face)
 
-        # 2. Encode audio
-        audio_features = self.encode_audio(own_padded, partner_padded, padded_frames)
-        activity = torch.from_numpy(
-            np.stack([voice_activity(x, padded_frames, fps=self.fps) for x in (own_padded, partner_padded)])
-        ).to(device)
-
-        # 3. Guide
-        motion_features, plain_motion_features = self.guide(audio_features, activity, style_vector)
-        motion_features = motion_features.to(transformer.dtype)
-        if plain_motion_features is not None:
-            plain_motion_features = plain_motion_features.to(transformer.dtype)
+        # 2-3. Encode audio and guide
+        motion_features, plain_motion_features = self.motion_features_for(
+            own_padded, partner_padded, padded_frames, style_vector
+        )
 
         # 4. Denoise window by window; the first window continues from the portrait's own motion.
         source_latent = portrait_encoding.latent.to(transformer.dtype)
@@ -480,3 +502,77 @@ class INFPPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames, motion_latents, self.fps, mixed_audio)
         return INFPPipelineOutput(frames=frames, motion_latents=motion_latents, fps=self.fps, audio=mixed_audio)
+
+    # Streaming -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(
+        self,
+        portrait,
+        audio_chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+        style=None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.5,
+        style_guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        image_size: int = 256,
+        audio_context: float = 2.0,
+        render_batch_size: int = 16,
+    ) -> Iterator[INFPStreamOutput]:
+        """Generate while the audio arrives, one window at a time.
+
+        `audio_chunks` yields (own, partner) pieces of 16 kHz mono float audio arrays, of any lengths (partner
+        None: silence). As soon as the audio of a whole window (`window_size` frames) has arrived, that window is
+        generated, each window continuing from the last `num_prev_frames` latents of the one before as in
+        `__call__`, and its frames are yielded with their mixed audio. Whisper features and voice activity of a
+        window are computed from its own audio plus up to `audio_context` seconds before it, so the output is
+        close to, not identical with, `__call__` on the whole tracks (identical when everything fits in one
+        window). When the chunks end, the last partial window is padded with silence and cut back.
+        """
+        if self.motion_guider is None or self.motion_transformer is None:
+            raise ValueError("This pipeline has no audio-to-motion model: load a checkpoint with stage 2.")
+        transformer = self.motion_transformer
+        window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
+        window_samples = round(window / self.fps * SAMPLE_RATE)
+        context_samples = round(audio_context * SAMPLE_RATE)
+        face = self.prepare_portrait(portrait, image_size)
+        style_vector = self.prepare_style(style, image_size)
+        portrait_encoding = self.encode_portrait(face)
+        prev = transformer.normalize_latents(portrait_encoding.latent.to(transformer.dtype))
+        prev = prev.unsqueeze(1).expand(-1, num_prev, -1)
+        own = np.zeros(0, np.float32)
+        partner = np.zeros(0, np.float32)
+        window_index = 0
+
+        def generate_window(num_frames: int) -> INFPStreamOutput:
+            nonlocal prev, window_index
+            start = window_index * window_samples
+            end = start + window_samples
+            first = max(0, start - context_samples)
+            tracks = [np.pad(x[first:end], (0, end - min(end, len(x)))) for x in (own, partner)]
+            context_frames = round((end - first) / SAMPLE_RATE * self.fps)
+            styled, plain = self.motion_features_for(*tracks, context_frames, style_vector)
+            latents = self.denoise_window(
+                styled[:, -window:], None if plain is None else plain[:, -window:], prev, num_inference_steps,
+                guidance_scale, style_guidance_scale, generator, eta, window_index, None, [], _NoProgress(),
+            )  # fmt: skip
+            prev = latents[:, -num_prev:]
+            window_index += 1
+            motion_latents = transformer.denormalize_latents(latents)[0, :num_frames]
+            frames = self.render(portrait_encoding, motion_latents, render_batch_size)
+            audio = mix_tracks(*(t[-window_samples:] for t in tracks))[: round(num_frames / self.fps * SAMPLE_RATE)]
+            frames = frames.permute(0, 2, 3, 1).cpu().float().numpy()
+            return INFPStreamOutput(frames=frames, motion_latents=motion_latents, audio=audio)
+
+        for own_chunk, partner_chunk in audio_chunks:
+            own_chunk = np.asarray(own_chunk, dtype=np.float32).reshape(-1)
+            partner_chunk = np.zeros_like(own_chunk) if partner_chunk is None else partner_chunk
+            own = np.concatenate([own, own_chunk])
+            partner = np.concatenate([partner, np.asarray(partner_chunk, dtype=np.float32).reshape(-1)])
+            while min(len(own), len(partner)) >= (window_index + 1) * window_samples:
+                yield generate_window(window)
+        own, partner = pad_to_same_length(own, partner)
+        total_frames = round(len(own) / SAMPLE_RATE * self.fps)
+        while window_index * window < total_frames:
+            yield generate_window(min(window, total_frames - window_index * window))
