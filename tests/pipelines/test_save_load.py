@@ -144,3 +144,21 @@ def test_a_renderer_only_checkpoint_loads_and_reenacts_but_cannot_generate(saved
         assert frames.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.allclose(frames, expected, atol=1e-5)
         with pytest.raises(ValueError, match="only the stage-1 face renderer"):
             loaded(face, speech(0.3))
+
+
+def test_the_bundled_checkpoint_is_complete_and_its_code_copies_are_current():
+    """`checkpoints/infp-base` must load with the code it carries (trust_remote_code): its copies must be today's."""
+    from pathlib import Path
+
+    import pipeline_infp
+
+    folder = Path(__file__).resolve().parents[2] / "checkpoints" / "infp-base"
+    package = Path(pipeline_infp.__file__).parent
+    index = json.loads((folder / "model_index.json").read_text())
+    assert all(index[name][0] is not None for name in COMPONENT_CLASSES)  # both stages are bundled
+    copies = sorted(folder.rglob("*.py"))
+    assert copies
+    for copy in copies:
+        originals = [p for p in package.rglob(copy.name) if "checkpoints" not in p.parts]
+        assert len(originals) == 1, copy
+        assert copy.read_text() == originals[0].read_text(), f"{copy} is stale: re-export or copy it"
