@@ -164,13 +164,13 @@ class MotionGuider(ModelMixin, ConfigMixin):
 
         verbal_bank = self.verbal_modulation(self.verbal_bank, style)
         non_verbal_bank = self.non_verbal_modulation(self.non_verbal_bank, style)
-        # Residual retrieval, as in a transformer's cross-attention: the query's own audio detail (which syllable,
-        # now) reaches f_m beside the retrieved prototypes. Without it the lips never learned to follow the speech
-        # (mouth correlation 0.07 after 4000 CPU steps; 0.43 with it after 3200, `evaluate motion`).
+        # The own voice's retrieval is residual, as in a transformer's cross-attention: its audio detail (which
+        # syllable, now) reaches f_m beside the retrieved prototypes. Without it the lips never learned to follow
+        # the speech (mouth correlation 0.07 after 4000 CPU steps; 0.43 with it after 3200, `evaluate motion`).
+        # The partner's voice reaches f_m only through the non-verbal prototypes: a listener reacts to it but
+        # must not mouth its syllables.
         verbal = own_query + self.verbal_attn(self.verbal_norm(own_query), encoder_hidden_states=verbal_bank)
-        non_verbal = partner_query + self.non_verbal_attn(
-            self.non_verbal_norm(partner_query), encoder_hidden_states=non_verbal_bank
-        )
+        non_verbal = self.non_verbal_attn(self.non_verbal_norm(partner_query), encoder_hidden_states=non_verbal_bank)
         fused = verbal + non_verbal
         motion_features = fused + self.fusion_mlp(self.fusion_norm(fused))
         if not return_dict:
