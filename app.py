@@ -23,7 +23,6 @@ from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
     INFPInputError,
-    apply_landmark_offsets,
     load_audio,
     mouth_aperture,
     voice_activity,
@@ -118,8 +117,7 @@ def gpu_seconds(portrait, mode, own_audio, partner_audio, conversation, agent_sp
 
 def generated_speaking_state(pipe: INFPPipeline, face: FaceCrop, motion_latents: torch.Tensor) -> np.ndarray:
     """Whether the generated face talks, per frame: its lips move like speech (read from the generated mesh)."""
-    offsets = pipe.motion_encoder.decode_landmark_offsets(motion_latents.float()).cpu().numpy()
-    mouth = np.array([mouth_aperture(apply_landmark_offsets(face.landmarks, o)) for o in offsets])
+    mouth = mouth_aperture(pipe.motion_landmarks(face.landmarks, motion_latents))
     return speaking_state(mouth, pipe.fps)
 
 

@@ -81,13 +81,9 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     own, partner = tracks(args.seconds)
-    transformer = pipe.motion_transformer
-    window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
-    num_frames = round(args.seconds * pipe.fps)
-    num_windows = -(-num_frames // window)
-    padded = num_windows * window
-    samples = round(padded / pipe.fps * SAMPLE_RATE)
-    own_padded, partner_padded = (np.pad(x, (0, max(0, samples - len(x)))) for x in (own, partner))
+    own_padded, partner_padded, num_frames, padded = pipe.pad_to_windows(own, partner)
+    window = pipe.motion_transformer.config.window_size
+    num_windows = padded // window
     generator = torch.Generator(device)
     times = {}
 
@@ -102,22 +98,20 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
         np.stack([voice_activity(x, padded, fps=pipe.fps) for x in (own_padded, partner_padded)])
     ).to(device)
     times["guide"], (motion_features, _) = timed(lambda: pipe.guide(features, activity, None), device, runs, warmup)
-    motion_features = motion_features.to(transformer.dtype)
+    motion_features = motion_features.to(pipe.motion_transformer.dtype)
 
     def motion(windows: int):
-        prev = transformer.normalize_latents(portrait.latent.to(transformer.dtype)).unsqueeze(1)
-        prev = prev.expand(-1, num_prev, -1)
         generator.manual_seed(0)
-        out = []
-        with pipe.progress_bar(total=windows * args.steps) as bar:
-            for w in range(windows):
-                latents = pipe.denoise_window(
-                    motion_features[:, w * window : (w + 1) * window], None, prev, args.steps, args.guidance_scale,
-                    1.0, generator, 0.0, w, None, ["latents"], bar,
-                )  # fmt: skip
-                out.append(latents)
-                prev = latents[:, -num_prev:]
-        return transformer.denormalize_latents(torch.cat(out, dim=1))[0, :num_frames]
+        return pipe.denoise_windows(
+            portrait,
+            motion_features[:, : windows * window],
+            None,
+            args.steps,
+            args.guidance_scale,
+            1.0,
+            generator,
+            0.0,
+        )[:num_frames]
 
     times["motion generation"], latents = timed(lambda: motion(num_windows), device, runs, warmup)
     times["first window motion"], _ = timed(lambda: motion(1), device, runs, warmup)

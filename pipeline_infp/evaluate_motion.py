@@ -284,6 +284,11 @@ def _uint8(frames) -> np.ndarray:
     return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def first_frame_face(item: dict) -> FaceCrop:
+    """A talking clip's first crop as the portrait (its crop frame is the one every frame was cut with)."""
+    return FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+
+
 def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int, style: str | None = None):
     generator = torch.Generator().manual_seed(seed)
     out = pipe(face, own, partner, style=style, num_inference_steps=steps, guidance_scale=guidance,
@@ -295,7 +300,7 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
     """Records per method (and the ground truth, for talking clips) of one item."""
     fps = pipe.fps
     if item["kind"] == "talking":
-        face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+        face = first_frame_face(item)
         own, partner = item["audio"], np.zeros_like(item["audio"])
     else:
         face, own, partner = item["portrait"], item["audio"], item["partner"]
@@ -424,7 +429,7 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
     for steps, guidance in itertools.product(args.sweep_steps, args.sweep_guidance):
         features, mouth_corr, accuracy = [], [], []
         for item in items:
-            face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+            face = first_frame_face(item)
             frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args.seed)
             landmarks, _ = read(frames)
             keep = item["indices"][item["indices"] < len(frames)]
@@ -462,7 +467,7 @@ def run_styles(pipe, items, read, args) -> dict:
         return {}
     measures = {name: [] for name in names}
     for item in items:
-        face = FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
+        face = first_frame_face(item)
         for name in names:
             frames, _ = generate(pipe, face, item["audio"], None, args.steps, args.guidance_scale, args.seed, name)
             landmarks, found = read(frames)

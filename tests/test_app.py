@@ -6,9 +6,8 @@ import pytest
 import soundfile
 
 import app
-from pipeline_infp import build_pipeline
 from pipeline_infp.processing import SAMPLE_RATE, load_audio, read_video
-from tests.utils import randomize
+from tests.utils import tiny_random_pipeline
 
 SIZE = 64
 PORTRAIT = str(app.EXAMPLES / "portrait-s1.jpg")
@@ -16,11 +15,7 @@ PORTRAIT = str(app.EXAMPLES / "portrait-s1.jpg")
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = build_pipeline("tiny", seed=0)
-    for name in ("motion_guider", "motion_transformer", "flow_estimator"):
-        randomize(getattr(pipe, name), seed=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_random_pipeline()
 
 
 @pytest.fixture(autouse=True)

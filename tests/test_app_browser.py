@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from pipeline_infp import build_pipeline
 from pipeline_infp.processing import SAMPLE_RATE, load_audio
-from tests.utils import randomize
+from tests.utils import tiny_random_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,10 +33,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
-    pipe = build_pipeline("tiny", seed=0)
-    for name in ("motion_guider", "motion_transformer", "flow_estimator"):
-        randomize(getattr(pipe, name), seed=1)
-    pipe.save_pretrained(folder / "pipeline")
+    tiny_random_pipeline().save_pretrained(folder / "pipeline")
     port = free_port()
     env = os.environ | {
         "INFP_CHECKPOINT": str(folder / "pipeline"), "GRADIO_SERVER_NAME": "127.0.0.1",

@@ -21,3 +21,14 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.
     for param in model.parameters():
         param.add_(torch.randn(param.shape, generator=generator) * std)
     return model
+
+
+def tiny_random_pipeline():
+    """The tiny pipeline with its motion model and flow estimator perturbed, so audio visibly moves the face."""
+    from pipeline_infp import build_pipeline
+
+    pipe = build_pipeline("tiny", seed=0)
+    for name in ("motion_guider", "motion_transformer", "flow_estimator"):
+        randomize(getattr(pipe, name), seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -216,6 +216,15 @@ class INFPPipeline(DiffusionPipeline):
         own, partner = pad_to_same_length(own, partner)
         return own, partner
 
+    def pad_to_windows(self, own: np.ndarray, partner: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Both tracks padded with silence to whole motion windows: (own, partner, video frames, padded frames)."""
+        window = self.motion_transformer.config.window_size
+        num_frames = max(1, round(len(own) / SAMPLE_RATE * self.fps))
+        padded_frames = -(-num_frames // window) * window
+        padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
+        own, partner = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
+        return own, partner, num_frames, padded_frames
+
     @torch.no_grad()
     def encode_portrait(self, face: FaceCrop) -> PortraitEncoding:
         """Everything the renderer needs from the portrait, computed once per video."""
@@ -302,6 +311,46 @@ class INFPPipeline(DiffusionPipeline):
 
     # 4. Denoise ----------------------------------------------------------------------------------
 
+    def initial_prev_latents(self, portrait: PortraitEncoding) -> torch.Tensor:
+        """The first window's condition: the portrait's own motion latent as all `num_prev_frames` previous frames
+        (normalised), so the video starts from the portrait's expression."""
+        transformer = self.motion_transformer
+        latent = transformer.normalize_latents(portrait.latent.to(transformer.dtype))
+        return latent.unsqueeze(1).expand(-1, transformer.config.num_prev_frames, -1)
+
+    def denoise_windows(
+        self,
+        portrait: PortraitEncoding,
+        motion_features: torch.Tensor,
+        plain_motion_features: torch.Tensor | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        style_guidance_scale: float,
+        generator,
+        eta: float,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> torch.Tensor:
+        """Every window of f_m [1, num_windows · window_size, D] in turn, each continuing from the last frames of
+        the one before: motion latents [num_windows · window_size, latent_dim] in the motion encoder's space."""
+        transformer = self.motion_transformer
+        window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
+        num_windows = motion_features.shape[1] // window
+        prev = self.initial_prev_latents(portrait)
+        windows = []
+        with self.progress_bar(total=num_windows * num_inference_steps) as progress_bar:
+            for w in range(num_windows):
+                span = slice(w * window, (w + 1) * window)
+                latents = self.denoise_window(
+                    motion_features[:, span],
+                    None if plain_motion_features is None else plain_motion_features[:, span],
+                    prev, num_inference_steps, guidance_scale, style_guidance_scale, generator, eta, w,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar,
+                )  # fmt: skip
+                windows.append(latents)
+                prev = latents[:, -num_prev:]
+        return transformer.denormalize_latents(torch.cat(windows, dim=1))[0]
+
     def denoise_window(
         self,
         motion_features: torch.Tensor,
@@ -367,14 +416,18 @@ class INFPPipeline(DiffusionPipeline):
 
     # 5. Render -----------------------------------------------------------------------------------
 
+    def motion_landmarks(self, landmarks: np.ndarray, motion_latents: torch.Tensor) -> np.ndarray:
+        """The meshes [T, 478, 3] that motion latents [T, latent_dim] move a face's mesh `landmarks` [478, 3] to."""
+        offsets = self.motion_encoder.decode_landmark_offsets(motion_latents).float().cpu().numpy()
+        return apply_landmark_offsets(landmarks, offsets)
+
     def prior_flows(self, portrait: PortraitEncoding, motion_latents: torch.Tensor) -> torch.Tensor:
         """The geometric prior flows [T, 2, s, s] (s: the renderer's working size) that move the portrait's mesh
         to the meshes the latents decode to."""
-        offsets = self.motion_encoder.decode_landmark_offsets(motion_latents).float().cpu().numpy()
         size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
         flows = [
-            prior_flow(portrait.landmarks, apply_landmark_offsets(portrait.landmarks, o), size, working)[0]
-            for o in offsets
+            prior_flow(portrait.landmarks, driving, size, working)[0]
+            for driving in self.motion_landmarks(portrait.landmarks, motion_latents)
         ]
         return torch.from_numpy(np.stack(flows)).to(motion_latents.device)
 
@@ -444,17 +497,10 @@ class INFPPipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}.")
-        transformer = self.motion_transformer
-        window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
-
         # 1. Prepare inputs
         face = self.prepare_portrait(portrait, image_size)
         own, partner = self.prepare_audio(audio_self, audio_other, max_duration)
-        num_frames = max(1, round(len(own) / SAMPLE_RATE * self.fps))
-        num_windows = -(-num_frames // window)
-        padded_frames = num_windows * window
-        padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
-        own_padded, partner_padded = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
+        own_padded, partner_padded, num_frames, padded_frames = self.pad_to_windows(own, partner)
         style_vector = self.prepare_style(style, image_size)
         portrait_encoding = self.encode_portrait(face)
 
@@ -464,21 +510,10 @@ class INFPPipeline(DiffusionPipeline):
         )
 
         # 4. Denoise window by window; the first window continues from the portrait's own motion.
-        source_latent = portrait_encoding.latent.to(transformer.dtype)
-        prev = transformer.normalize_latents(source_latent).unsqueeze(1).expand(-1, num_prev, -1)
-        windows = []
-        with self.progress_bar(total=num_windows * num_inference_steps) as progress_bar:
-            for w in range(num_windows):
-                span = slice(w * window, (w + 1) * window)
-                latents = self.denoise_window(
-                    motion_features[:, span],
-                    None if plain_motion_features is None else plain_motion_features[:, span],
-                    prev, num_inference_steps, guidance_scale, style_guidance_scale, generator, eta, w,
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar,
-                )  # fmt: skip
-                windows.append(latents)
-                prev = latents[:, -num_prev:]
-        motion_latents = transformer.denormalize_latents(torch.cat(windows, dim=1))[0, :num_frames]
+        motion_latents = self.denoise_windows(
+            portrait_encoding, motion_features, plain_motion_features, num_inference_steps, guidance_scale,
+            style_guidance_scale, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )[:num_frames]  # fmt: skip
 
         mixed_audio = mix_tracks(own, partner)[: round(num_frames / self.fps * SAMPLE_RATE)]
         if output_type == "latent":
@@ -539,8 +574,7 @@ class INFPPipeline(DiffusionPipeline):
         face = self.prepare_portrait(portrait, image_size)
         style_vector = self.prepare_style(style, image_size)
         portrait_encoding = self.encode_portrait(face)
-        prev = transformer.normalize_latents(portrait_encoding.latent.to(transformer.dtype))
-        prev = prev.unsqueeze(1).expand(-1, num_prev, -1)
+        prev = self.initial_prev_latents(portrait_encoding)
         own = np.zeros(0, np.float32)
         partner = np.zeros(0, np.float32)
         window_index = 0

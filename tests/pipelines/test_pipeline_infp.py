@@ -14,7 +14,7 @@ from pipeline_infp.processing import (
     NoFaceDetectedError,
     SilentAudioError,
 )
-from tests.utils import randomize
+from tests.utils import tiny_random_pipeline
 
 IMAGE_SIZE = 64
 STEPS = 3
@@ -28,11 +28,7 @@ def face(shared_data):
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = build_pipeline("tiny", seed=0)
-    for name in ("motion_guider", "motion_transformer", "flow_estimator"):
-        randomize(getattr(pipe, name), seed=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_random_pipeline()
 
 
 def speech(seconds: float, seed: int = 0, start: float = 0.0) -> np.ndarray:
