@@ -7,8 +7,8 @@ without it. Environment: INFP_CHECKPOINT (pipeline folder or Hub repo id), INFP_
 accepted, default 20 s: ZeroGPU quotas are small), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Gradio's own).
 """
 
-import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +45,9 @@ EXAMPLES = ROOT / "examples"
 TWO_TRACKS, ONE_FILE = "Two tracks (agent + partner)", "One conversation file"
 SPEAKERS = ["Speaker 1 (speaks first)", "Speaker 2"]
 NO_STYLE = "none"
+# Gradio streams video output through ffmpeg and ffprobe (on Spaces from packages.txt); without them the video
+# comes whole at the end.
+LIVE_STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))
 
 _pipeline: INFPPipeline | None = None
 
@@ -143,50 +146,65 @@ def _generate(
     portrait, mode, own_audio, partner_audio, conversation, agent_speaker, style, style_clip, steps, guidance_scale,
     seed, size, full_portrait, progress=gr.Progress(),  # noqa: B008 (Gradio injects progress this way)
 ):  # fmt: skip
+    """Yields (live video chunk, whole video, timeline): with live streaming, each window's frames as an mp4 chunk
+    as soon as they are rendered (`INFPPipeline.stream`), then the whole video and the timeline."""
     if not portrait:
         raise gr.Error("Upload a portrait (one clearly visible face) or pick an example.")
     pipe = get_pipeline()
     if pipe.motion_guider is None:
         raise gr.Error(f"The checkpoint {CHECKPOINT} has no audio-to-motion model (stage 2); load a complete one.")
+    # Every request writes into its own folder: concurrent visitors never share or overwrite files.
+    folder = Path(tempfile.mkdtemp(prefix="infp-"))
     try:
         progress(0.0, desc="Reading the audio")
-        own, partner = resolve_tracks(mode, own_audio, partner_audio, conversation, agent_speaker)
+        # As the pipeline takes them (equal lengths; both silent is an error), for the stream too.
+        tracks = resolve_tracks(mode, own_audio, partner_audio, conversation, agent_speaker)
+        own, partner = pipe.prepare_audio(*tracks, None)
         progress(0.05, desc="Finding the face")
         face = pipe.prepare_portrait(portrait, int(size))
-        windows = math.ceil(_seconds(own) * pipe.fps / pipe.motion_transformer.config.window_size)
-        total = max(1, windows * int(steps))
-
-        def report(_pipe, step, _timestep, tensors):
-            progress(0.1 + 0.7 * (step + 1) / total, desc="Generating motion")
-            return tensors
-
-        result = pipe(
-            face, own, partner, style=style_clip or (None if style == NO_STYLE else style),
-            num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
-            generator=torch.Generator(pipe.device).manual_seed(int(seed)), image_size=int(size),
-            paste_back=bool(full_portrait), output_type="np", callback_on_step_end=report,
+        windows = pipe.num_windows(round(_seconds(own) * pipe.fps))
+        settings = dict(
+            style=style_clip or (None if style == NO_STYLE else style), num_inference_steps=int(steps),
+            guidance_scale=float(guidance_scale), generator=torch.Generator(pipe.device).manual_seed(int(seed)),
+            image_size=int(size), paste_back=bool(full_portrait),
         )  # fmt: skip
+        if LIVE_STREAMING:
+            pieces = []
+            for index, piece in enumerate(pipe.stream(face, [(own, partner)], **settings)):
+                pieces.append(piece)
+                progress(0.1 + 0.8 * min(1.0, len(pieces) / windows), desc="Generating, window by window")
+                chunk = write_video(folder / f"live-{index:03d}.mp4", piece.frames, pipe.fps, piece.audio)
+                yield chunk, gr.skip(), gr.skip()
+            frames = np.concatenate([piece.frames for piece in pieces])
+            audio = np.concatenate([piece.audio for piece in pieces])
+            motion_latents = torch.cat([piece.motion_latents for piece in pieces])
+        else:
+
+            def report(_pipe, step, _timestep, tensors):
+                progress(0.1 + 0.8 * (step + 1) / (windows * int(steps)), desc="Generating motion")
+                return tensors
+
+            result = pipe(face, own, partner, output_type="np", callback_on_step_end=report, **settings)
+            frames, audio, motion_latents = result.frames, result.audio, result.motion_latents
     except INFPInputError as error:
         raise gr.Error(str(error)) from None
-    progress(0.9, desc="Writing the video")
-    # Every request writes into its own folder: concurrent visitors never share or overwrite files.
-    path = Path(tempfile.mkdtemp(prefix="infp-")) / "infp.mp4"
-    write_video(path, result.frames, result.fps, result.audio)
-    frames = len(result.frames)
-    activity = [voice_activity(track, frames, fps=result.fps) > 0.5 for track in (own, partner)]
-    talking = generated_speaking_state(pipe, face, result.motion_latents)
-    figure = timeline_figure(*activity, talking, result.fps)
+    progress(0.95, desc="Writing the video")
+    path = write_video(folder / "infp.mp4", frames, pipe.fps, audio)
+    activity = [voice_activity(track, len(frames), fps=pipe.fps) > 0.5 for track in (own, partner)]
+    talking = generated_speaking_state(pipe, face, motion_latents)
+    figure = timeline_figure(*activity, talking, pipe.fps)
     plt.close(figure)
-    return str(path), figure
+    yield gr.skip(), path, figure
 
 
 generate = spaces.GPU(duration=gpu_seconds)(_generate) if spaces is not None else _generate
 
 
 def generate_example(portrait, own_audio, partner_audio):
-    """The examples with the default settings."""
-    return generate(portrait, TWO_TRACKS, own_audio, partner_audio, None, SPEAKERS[0], NO_STYLE, None, 20, 2.5, 0,
-                    256, False)  # fmt: skip
+    """The examples with the default settings: the whole video and the timeline."""
+    *_, (_, video, timeline) = generate(portrait, TWO_TRACKS, own_audio, partner_audio, None, SPEAKERS[0], NO_STYLE,
+                                        None, 20, 2.5, 0, 256, False)  # fmt: skip
+    return video, timeline
 
 
 # Interface -------------------------------------------------------------------------------------------
@@ -246,11 +264,15 @@ def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
                     full_portrait = gr.Checkbox(False, label="Paste the face back into the full portrait")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                video = gr.Video(label="Result", autoplay=True, elem_id="result")
+                live = gr.Video(
+                    label="Live: each window as soon as it is generated", streaming=True, autoplay=True,
+                    visible=LIVE_STREAMING, elem_id="live",
+                )  # fmt: skip
+                video = gr.Video(label="Result", autoplay=not LIVE_STREAMING, elem_id="result")
                 timeline = gr.Plot(label="Who speaks when, and what the face does", elem_id="timeline")
         inputs = [portrait, mode, own_audio, partner_audio, conversation, agent_speaker, style, style_clip, steps,
                   guidance_scale, seed, size, full_portrait]  # fmt: skip
-        run.click(generate, inputs, [video, timeline])
+        run.click(generate, inputs, [live, video, timeline])
         examples = example_rows()
         if examples:
             gr.Examples(

@@ -11,7 +11,9 @@ video frames (25 fps) per second of compute; first-frame latency is the time unt
 shown without streaming (face crop + portrait + audio encoding + guide + the first window's motion + rendering
 one frame). Streaming (`INFPPipeline.stream`, the audio fed in `--chunk-seconds` chunks as fast as it is
 taken): seconds until the first window's frames, and sustained frames per second over the whole stream.
-Peak memory: CUDA's allocator peak, or the process's peak resident size on CPU.
+Peak memory: CUDA's allocator peak, or the process's peak resident size on CPU. Each variant's end-to-end video is
+compared with the fp32 one without fast paths (same seed): largest motion-latent difference and mean pixel
+difference (0-255), so a speed-up that changes the output shows.
 """
 
 import argparse
@@ -74,16 +76,48 @@ def tracks(seconds: float) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.resize(track, length).astype(np.float32) for track in (own, partner))
 
 
-def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
+def apply_fast_paths(pipe: INFPPipeline, compile_models: bool, channels_last: bool) -> str:
+    """Optional speed-ups, in place: the renderer's convolutions in channels-last memory format, and
+    `torch.compile` on the networks that run per window and per frame. Returns their names for the table."""
+    names = []
+    if channels_last:
+        for model in (pipe.appearance_encoder, pipe.flow_estimator, pipe.face_decoder):
+            model.to(memory_format=torch.channels_last)
+        names.append("channels-last")
+    if compile_models:
+        for model in (pipe.motion_transformer, pipe.flow_estimator, pipe.face_decoder):
+            model.compile()
+        names.append("compile")
+    return "".join(f"+{name}" for name in names)
+
+
+def end_to_end_output(pipe: INFPPipeline, args, own, partner, overlap: int):
+    return pipe(str(args.portrait), own, partner, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                generator=torch.Generator(args.device).manual_seed(0), image_size=args.size,
+                render_batch_size=args.render_batch_size, window_overlap=overlap, output_type="np")  # fmt: skip
+
+
+def deviation(out, reference) -> dict:
+    """How far a variant's video is from the fp32 eager one with the same seed."""
+    latents = (out.motion_latents.float().cpu() - reference.motion_latents.float().cpu()).abs()
+    pixels = np.abs(out.frames.astype(np.float64) - reference.frames) * 255
+    return {"latents max": round(float(latents.max()), 6), "pixels mean": round(float(pixels.mean()), 4),
+            "pixels max": round(float(pixels.max()), 3)}  # fmt: skip
+
+
+def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> tuple[dict, object]:
+    """The variant's figures, and its end-to-end output (to compare with the reference afterwards)."""
     device, runs, warmup = args.device, args.runs, args.warmup
     pipe = pipe.to(device, DTYPES[dtype_name])
     pipe.set_progress_bar_config(disable=True)
+    variant = dtype_name + apply_fast_paths(pipe, args.compile, args.channels_last)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     own, partner = tracks(args.seconds)
-    own_padded, partner_padded, num_frames, padded = pipe.pad_to_windows(own, partner)
+    overlap = pipe.resolve_window_overlap(args.window_overlap)
+    own_padded, partner_padded, num_frames, padded = pipe.pad_to_windows(own, partner, overlap)
     window = pipe.motion_transformer.config.window_size
-    num_windows = padded // window
+    num_windows = pipe.num_windows(num_frames, overlap)
     generator = torch.Generator(device)
     times = {}
 
@@ -102,15 +136,9 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
 
     def motion(windows: int):
         generator.manual_seed(0)
+        frames = window + (windows - 1) * (window - overlap)
         return pipe.denoise_windows(
-            portrait,
-            motion_features[:, : windows * window],
-            None,
-            args.steps,
-            args.guidance_scale,
-            1.0,
-            generator,
-            0.0,
+            portrait, motion_features[:, :frames], None, args.steps, args.guidance_scale, 1.0, generator, 0.0, overlap
         )[:num_frames]
 
     times["motion generation"], latents = timed(lambda: motion(num_windows), device, runs, warmup)
@@ -126,12 +154,11 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
         times["video writing"], _ = timed(lambda: write_video(path, video, pipe.fps, mixed), device, runs, warmup)
 
         def end_to_end():
-            out = pipe(str(args.portrait), own, partner, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance_scale, generator=generator.manual_seed(0), image_size=args.size,
-                       render_batch_size=args.render_batch_size, output_type="np")  # fmt: skip
+            out = end_to_end_output(pipe, args, own, partner, overlap)
             write_video(path, out.frames, out.fps, out.audio)
+            return out
 
-        times["end to end"], _ = timed(end_to_end, device, runs, warmup)
+        times["end to end"], out = timed(end_to_end, device, runs, warmup)
 
     def streaming():
         """Seconds until the first window's frames (once its audio has arrived), and for the whole stream."""
@@ -139,7 +166,8 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
         pieces = ((own[i : i + chunk], partner[i : i + chunk]) for i in range(0, len(own), chunk))
         start, first = time.perf_counter(), None
         stream = pipe.stream(face, pieces, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                             generator=generator.manual_seed(0), render_batch_size=args.render_batch_size)  # fmt: skip
+                             generator=generator.manual_seed(0), render_batch_size=args.render_batch_size,
+                             window_overlap=overlap)  # fmt: skip
         for _ in stream:
             sync(device)
             first = first if first is not None else time.perf_counter() - start
@@ -155,6 +183,7 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
     )
     per_frame_stages = ("audio encoding", "guide", "motion generation", "rendering", "video writing", "end to end")
     return {
+        "variant": variant,
         "dtype": dtype_name,
         "frames": num_frames,
         "seconds": {k: round(v, 4) for k, v in times.items()},
@@ -164,7 +193,7 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> dict:
         "streaming first window s": round(first_window, 3),
         "streaming fps": round(num_frames / total, 2),
         "peak memory MB": round(peak_memory_mb(device), 1),
-    }
+    }, out
 
 
 def main(argv=None) -> dict:
@@ -176,33 +205,45 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance-scale", type=float, default=2.5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--render-batch-size", type=int, default=16)
+    parser.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     parser.add_argument("--chunk-seconds", type=float, default=0.2, help="audio chunk size fed to the stream")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true", help="renderer convolutions in channels-last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer and the renderer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    results = []
+    results, outputs = [], []
     for name in args.dtypes:
-        pipe = INFPPipeline.from_pretrained(args.checkpoint)
         try:
-            results.append(benchmark(pipe, args, name))
+            row, out = benchmark(INFPPipeline.from_pretrained(args.checkpoint), args, name)
+            results.append(row)
+            outputs.append(out)
         except (RuntimeError, NotImplementedError) as error:  # an op without a kernel for this dtype/device
             results.append({"dtype": name, "unsupported": str(error).splitlines()[0]})
+    # Every variant's video against fp32 without fast paths, same seed; after the timings, so that their peak
+    # memory is the variants' own.
+    pipe = INFPPipeline.from_pretrained(args.checkpoint).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    own, partner = tracks(args.seconds)
+    reference = end_to_end_output(pipe, args, own, partner, pipe.resolve_window_overlap(args.window_overlap))
+    for row, out in zip([r for r in results if "unsupported" not in r], outputs):
+        row["deviation from fp32"] = deviation(out, reference)
     print(f"{args.seconds:g} s of audio, {args.steps} DDIM steps with CFG, {args.size}² on {args.device}")
-    print("| dtype | audio fps | motion fps | render fps | writing fps | end-to-end fps | first frame s "
-          "| stream first window s | stream fps | peak MB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | audio fps | motion fps | render fps | writing fps | end-to-end fps | first frame s "
+          "| stream first window s | stream fps | peak MB | Δ latents max | Δ pixels mean |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "unsupported" in r:
             print(f"| {r['dtype']} | unsupported: {r['unsupported']} |")
             continue
-        f = r["fps"]
-        cells = [r["dtype"], f["audio encoding"], f["motion generation"], f["rendering"], f["video writing"],
+        f, d = r["fps"], r["deviation from fp32"]
+        cells = [r["variant"], f["audio encoding"], f["motion generation"], f["rendering"], f["video writing"],
                  f["end to end"], r["first frame latency s"], r["streaming first window s"], r["streaming fps"],
-                 r["peak memory MB"]]  # fmt: skip
+                 r["peak memory MB"], d["latents max"], d["pixels mean"]]  # fmt: skip
         print("| " + " | ".join(map(str, cells)) + " |")
     out = {"machine": machine(args.device), "settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json:

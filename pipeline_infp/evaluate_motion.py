@@ -166,11 +166,16 @@ def random_motion(bank: list[dict], num_frames: int, rng) -> torch.Tensor:
     return clip[(start + np.arange(num_frames)) % len(clip)]
 
 
-def boundary_ratio(latents: torch.Tensor, window: int) -> float:
-    """Mean |Δ latent| across window boundaries over the mean inside windows (1: no visible seam)."""
+def boundary_ratio(latents: torch.Tensor, window: int, overlap: int = 0) -> float:
+    """Mean |Δ latent| where windows join over the mean elsewhere (1: no visible seam). Windows start every
+    `window - overlap` frames; a join is every step from the last frame before the shared ones to the new
+    window's first frame of its own (without overlap: the one step from one window to the next)."""
     steps = (latents[1:] - latents[:-1]).norm(dim=1).cpu().numpy()
+    stride = window - overlap
+    num_windows = 1 + -(-max(0, len(latents) - window) // stride)
     at = np.zeros(len(steps), bool)
-    at[window - 1 :: window] = True
+    for start in range(stride, num_windows * stride, stride):
+        at[start - 1 : start + overlap] = True
     if not at.any() or at.all():
         return float("nan")
     return float(steps[at].mean() / max(steps[~at].mean(), 1e-12))
@@ -289,10 +294,10 @@ def first_frame_face(item: dict) -> FaceCrop:
     return FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
 
 
-def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int, style: str | None = None):
+def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int, overlap: int, style=None):
     generator = torch.Generator().manual_seed(seed)
     out = pipe(face, own, partner, style=style, num_inference_steps=steps, guidance_scale=guidance,
-               generator=generator, output_type="np")  # fmt: skip
+               generator=generator, window_overlap=overlap, output_type="np")  # fmt: skip
     return _uint8(out.frames), out.motion_latents
 
 
@@ -306,7 +311,9 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         face, own, partner = item["portrait"], item["audio"], item["partner"]
         length = max(len(own), len(partner))
         own, partner = np.pad(own, (0, length - len(own))), np.pad(partner, (0, length - len(partner)))
-    frames, latents = generate(pipe, face, own, partner, args.steps, args.guidance_scale, args.seed)
+    frames, latents = generate(
+        pipe, face, own, partner, args.steps, args.guidance_scale, args.seed, args.window_overlap
+    )
     num_frames = len(frames)
     audio_series = {
         "own_vad": voice_activity(own, num_frames, fps=fps),
@@ -315,7 +322,8 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         "energy": speech_energy(own, num_frames, fps),
     }
     records = {"generated": _record(*read(frames), space, audio_series)}
-    records["generated"]["boundary"] = boundary_ratio(latents, window)
+    overlap = pipe.resolve_window_overlap(args.window_overlap)
+    records["generated"]["boundary"] = boundary_ratio(latents, window, overlap)
 
     portrait_landmarks, found = read(face.image[None])
     records["static"] = _record(
@@ -430,7 +438,7 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
         features, mouth_corr, accuracy = [], [], []
         for item in items:
             face = first_frame_face(item)
-            frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args.seed)
+            frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args.seed, args.window_overlap)
             landmarks, _ = read(frames)
             keep = item["indices"][item["indices"] < len(frames)]
             vad = voice_activity(item["audio"], len(frames), fps=pipe.fps) > 0.5
@@ -469,7 +477,9 @@ def run_styles(pipe, items, read, args) -> dict:
     for item in items:
         face = first_frame_face(item)
         for name in names:
-            frames, _ = generate(pipe, face, item["audio"], None, args.steps, args.guidance_scale, args.seed, name)
+            frames, _ = generate(
+                pipe, face, item["audio"], None, args.steps, args.guidance_scale, args.seed, args.window_overlap, name
+            )
             landmarks, found = read(frames)
             measures[name].append(expression_measures(landmarks[found]))
     mean = {name: {k: float(np.mean([m[k] for m in rows])) for k in rows[0]} for name, rows in measures.items()}
@@ -528,6 +538,7 @@ def add_parser(commands) -> None:
     sub.add_argument("--bank-clips", type=int, default=12, help="training clips for the feature space and baselines")
     sub.add_argument("--steps", type=int, default=20, help="DDIM steps of the generated method")
     sub.add_argument("--guidance-scale", type=float, default=2.5)
+    sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
     sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])

@@ -42,12 +42,43 @@ def quiet(*args, **kwargs):
     """Stands in for gr.Progress."""
 
 
-def generate(portrait=PORTRAIT, own=None, partner=None, conversation=None, mode=app.TWO_TRACKS, speaker=0, **kw):
+@pytest.fixture(autouse=True, params=[True, False], ids=["live", "whole"])
+def live_streaming(request, monkeypatch):
+    """Every test runs with live streaming (Gradio's, where ffmpeg and ffprobe are installed) and without."""
+    monkeypatch.setattr(app, "LIVE_STREAMING", request.param)
+    return request.param
+
+
+def run_app(portrait=PORTRAIT, own=None, partner=None, conversation=None, mode=app.TWO_TRACKS, speaker=0, **kw):
+    """All of generate's updates: (live chunks, video, timeline) each."""
     settings = dict(style=app.NO_STYLE, style_clip=None, steps=2, guidance_scale=2.5, seed=0, size=SIZE,
                     full_portrait=False) | kw  # fmt: skip
-    return app.generate(
+    return list(app.generate(
         portrait, mode, own, partner, conversation, app.SPEAKERS[speaker], *settings.values(), progress=quiet
-    )
+    ))  # fmt: skip
+
+
+def generate(**kwargs):
+    """The final update: the whole video and the timeline."""
+    *_, (live, path, figure) = run_app(**kwargs)
+    assert isinstance(live, type(gr.skip()))
+    return path, figure
+
+
+def test_live_streaming_sends_each_window_before_the_whole_video(voices, live_streaming):
+    updates = run_app(own=voices["own"], partner=voices["partner"], full_portrait=True)
+    chunks = [live for live, _, _ in updates[:-1]]
+    whole, _ = read_video(updates[-1][1])
+    if not live_streaming:
+        assert chunks == []
+        return
+    # 30 frames in tiny windows of 12 that overlap by 2: 10 frames per chunk.
+    streamed = [read_video(chunk)[0] for chunk in chunks]
+    assert [len(frames) for frames in streamed] == [10, 10, 10]
+    assert all(isinstance(video, type(gr.skip())) for _, video, _ in updates[:-1])
+    # The chunks are the whole video in pieces (both H.264: equal up to encoding).
+    assert np.abs(np.concatenate(streamed).astype(float) - whole).mean() < 3
+    assert whole.shape[1:] != (SIZE, SIZE, 3)  # pasted back into the full portrait
 
 
 def test_two_tracks_give_a_video_with_sound_and_a_timeline(voices):

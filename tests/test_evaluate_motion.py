@@ -21,6 +21,16 @@ def test_boundary_ratio_sees_jumps_between_windows():
     jumpy = smooth.clone()
     jumpy[50:] += 1.0
     assert boundary_ratio(jumpy, 25) > 5
+    # Windows of 25 every 20 frames: a jump anywhere in a join (the 6 steps into, through and out of the 5
+    # shared frames) is a seam; the same jump between joins is not.
+    assert boundary_ratio(smooth, 25, overlap=5) == pytest.approx(1.0)
+    for at in (20, 25):
+        jumpy = smooth.clone()
+        jumpy[at:] += 1.0
+        assert boundary_ratio(jumpy, 25, overlap=5) > 2
+    jumpy = smooth.clone()
+    jumpy[30:] += 1.0
+    assert boundary_ratio(jumpy, 25, overlap=5) < 1
 
 
 def test_expression_measures_see_a_smile_and_raised_brows():

@@ -22,10 +22,10 @@ latents are dropped with p = 0.5 each (classifier-free guidance).
         --output_dir runs/motion --config cpu
     accelerate launch --multi_gpu --num_processes 8 training/train_motion.py ... --config gpu
 
-Resume with `--resume_from_checkpoint latest`. The result is a complete pipeline folder (`<output_dir>/pipeline`,
-or `--export_to`): the renderer of `--renderer`, the trained motion model and style presets computed by the
-style encoder from the MEAD emotion clips (`--style_clips`). Validation videos are rendered through the full
-pipeline into `<output_dir>/validation/`.
+Fine-tune released weights with `--init_from checkpoints/infp-base`; resume with `--resume_from_checkpoint latest`.
+The result is a complete pipeline folder (`<output_dir>/pipeline`, or `--export_to`): the renderer of
+`--renderer`, the trained motion model and style presets computed by the style encoder from the MEAD emotion
+clips (`--style_clips`). Validation videos are rendered through the full pipeline into `<output_dir>/validation/`.
 """
 
 import argparse
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -104,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_steps", type=int)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
     parser.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
+    parser.add_argument(
+        "--init_from", help="fine-tune: start from the motion model of a pipeline folder (e.g. checkpoints/infp-base)"
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--weight_decay", type=float, default=1e-2)
     parser.add_argument("--style_drop_prob", type=float, default=0.3)
@@ -286,6 +290,21 @@ class MotionModel(nn.Module):
         ).sample
 
 
+def init_from_pipeline(model: "MotionModel", folder: str) -> None:
+    """Load the guider's and transformer's weights of a saved pipeline; parameters it lacks (layers added to the
+    architecture since it was saved) keep their fresh initialisation, and the log names them."""
+    for name in MOTION_MODEL:
+        path = Path(folder) / name / "diffusion_pytorch_model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"--init_from {folder}: no {name} weights at {path} (a stage-1 folder?).")
+        module = getattr(model, name)
+        state = {k: v.to(module.dtype) for k, v in load_file(path).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"--init_from {folder}: {name} has weights this model does not: {unexpected}")
+        logger.info("Initialised %s from %s%s", name, path, f" (new: {', '.join(missing)})" if missing else "")
+
+
 def build_motion_model(args, renderer: INFPPipeline) -> dict:
     latent_dim = renderer.motion_encoder.config.latent_dim
     feature_dim = renderer.audio_encoder.feature_dim
@@ -367,6 +386,8 @@ def main(argv=None):
     renderer = INFPPipeline.from_pretrained(args.renderer)
     renderer.set_progress_bar_config(disable=True)
     model = MotionModel(build_motion_model(args, renderer))
+    if args.init_from:
+        init_from_pipeline(model, args.init_from)
     transformer = model.motion_transformer
     num_prev, window = transformer.config.num_prev_frames, transformer.config.window_size
 

@@ -15,6 +15,7 @@ diffusers' `trust_remote_code` loader, so it uses absolute imports only.
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,16 @@ class PortraitEncoding:
     landmarks: np.ndarray
 
 
+def crossfade(tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """`window` [B, W, D] with its first frames faded in from `tail` [B, O, D], the previous window's latents for
+    the same frames. Each window alone continues its condition frames smoothly, yet the two disagree a little
+    where they meet: joined end to end, the first frame of each window jumped 1.5x as far as frames inside windows
+    (val clips, bundled weights); spread over the shared frames the step is no larger than any other."""
+    overlap = tail.shape[1]
+    weight = torch.arange(1, overlap + 1, device=window.device, dtype=window.dtype).view(1, -1, 1) / (overlap + 1)
+    return torch.cat([(1 - weight) * tail + weight * window[:, :overlap], window[:, overlap:]], dim=1)
+
+
 def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 [B, H, W, 3] → [B, 3, H, W] in [-1, 1]."""
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
@@ -152,12 +163,14 @@ class INFPPipeline(DiffusionPipeline):
         trust_remote_code=True)`; here those copies are never executed (diffusers would run the folder's
         pipeline file whenever one is present, so the components are loaded one by one instead).
         Components passed as keyword arguments are used as they are. Supported options: `torch_dtype`,
-        `variant`, `use_safetensors` and, for Hub repos, `revision`, `token`, `cache_dir`, `local_files_only`.
+        `variant`, `use_safetensors`, `low_cpu_mem_usage` (False initialises weights a folder lacks instead of
+        leaving them unallocated) and, for Hub repos, `revision`, `token`, `cache_dir`, `local_files_only`.
         """
         if kwargs.pop("trust_remote_code", False):
             return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         components = {name: kwargs.pop(name) for name in [*COMPONENT_CLASSES, "scheduler"] if name in kwargs}
-        load_kwargs = {key: kwargs.pop(key) for key in ("torch_dtype", "variant", "use_safetensors") if key in kwargs}
+        load_options = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
+        load_kwargs = {key: kwargs.pop(key) for key in load_options if key in kwargs}
         download_kwargs = {
             key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
@@ -216,11 +229,37 @@ class INFPPipeline(DiffusionPipeline):
         own, partner = pad_to_same_length(own, partner)
         return own, partner
 
-    def pad_to_windows(self, own: np.ndarray, partner: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Both tracks padded with silence to whole motion windows: (own, partner, video frames, padded frames)."""
+    def resolve_window_overlap(self, window_overlap: int | None) -> int:
+        """The number of frames each window shares with the one before (see `crossfade`). None: a fifth of the
+        window (10 of 50 frames for the base model: a quarter more motion generation, and the seams go from 1.5x
+        to 0.9x the frame-to-frame motion inside windows). It must leave the next window's `num_prev_frames`
+        condition inside the window that is finished."""
+        config = self.motion_transformer.config
+        largest = config.window_size - config.num_prev_frames
+        if window_overlap is None:
+            return min(config.window_size // 5, largest)
+        if not isinstance(window_overlap, int) or not 0 <= window_overlap <= largest:
+            raise ValueError(
+                f"window_overlap must be a whole number of frames from 0 to {largest} (window_size "
+                f"{config.window_size} - num_prev_frames {config.num_prev_frames}), got {window_overlap!r}."
+            )
+        return window_overlap
+
+    def num_windows(self, num_frames: int, window_overlap: int | None = None) -> int:
+        """How many motion windows cover `num_frames` video frames."""
         window = self.motion_transformer.config.window_size
+        stride = window - self.resolve_window_overlap(window_overlap)
+        return 1 + -(-max(0, num_frames - window) // stride)
+
+    def pad_to_windows(
+        self, own: np.ndarray, partner: np.ndarray, window_overlap: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Both tracks padded with silence to whole motion windows that start every `window_size -
+        window_overlap` frames: (own, partner, video frames, padded frames)."""
+        window = self.motion_transformer.config.window_size
+        stride = window - self.resolve_window_overlap(window_overlap)
         num_frames = max(1, round(len(own) / SAMPLE_RATE * self.fps))
-        padded_frames = -(-num_frames // window) * window
+        padded_frames = window + (self.num_windows(num_frames, window_overlap) - 1) * stride
         padded_samples = round(padded_frames / self.fps * SAMPLE_RATE)
         own, partner = (np.pad(x, (0, max(0, padded_samples - len(x)))) for x in (own, partner))
         return own, partner, num_frames, padded_frames
@@ -328,28 +367,34 @@ class INFPPipeline(DiffusionPipeline):
         style_guidance_scale: float,
         generator,
         eta: float,
+        window_overlap: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> torch.Tensor:
-        """Every window of f_m [1, num_windows · window_size, D] in turn, each continuing from the last frames of
-        the one before: motion latents [num_windows · window_size, latent_dim] in the motion encoder's space."""
+        """Every window of f_m [1, T, D] in turn (T as `pad_to_windows` gives it), each starting `window_size -
+        window_overlap` frames after the one before, continuing from the `num_prev_frames` frames before its start
+        and cross-faded over the shared frames: motion latents [T, latent_dim] in the motion encoder's space."""
         transformer = self.motion_transformer
         window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
-        num_windows = motion_features.shape[1] // window
+        stride = window - self.resolve_window_overlap(window_overlap)
+        num_windows = 1 + (motion_features.shape[1] - window) // stride
         prev = self.initial_prev_latents(portrait)
-        windows = []
+        joined = None
         with self.progress_bar(total=num_windows * num_inference_steps) as progress_bar:
             for w in range(num_windows):
-                span = slice(w * window, (w + 1) * window)
+                span = slice(w * stride, w * stride + window)
                 latents = self.denoise_window(
                     motion_features[:, span],
                     None if plain_motion_features is None else plain_motion_features[:, span],
                     prev, num_inference_steps, guidance_scale, style_guidance_scale, generator, eta, w,
                     callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar,
                 )  # fmt: skip
-                windows.append(latents)
-                prev = latents[:, -num_prev:]
-        return transformer.denormalize_latents(torch.cat(windows, dim=1))[0]
+                if joined is None:
+                    joined = latents
+                else:
+                    joined = torch.cat([joined[:, : span.start], crossfade(joined[:, span.start :], latents)], dim=1)
+                prev = joined[:, span.start + stride - num_prev : span.start + stride]
+        return transformer.denormalize_latents(joined)[0]
 
     def denoise_window(
         self,
@@ -421,29 +466,36 @@ class INFPPipeline(DiffusionPipeline):
         offsets = self.motion_encoder.decode_landmark_offsets(motion_latents).float().cpu().numpy()
         return apply_landmark_offsets(landmarks, offsets)
 
-    def prior_flows(self, portrait: PortraitEncoding, motion_latents: torch.Tensor) -> torch.Tensor:
-        """The geometric prior flows [T, 2, s, s] (s: the renderer's working size) that move the portrait's mesh
-        to the meshes the latents decode to."""
+    def prior_flows(
+        self, portrait: PortraitEncoding, meshes: np.ndarray, pool: Executor | None = None
+    ) -> torch.Tensor:
+        """The geometric prior flows [T, 2, s, s] (s: the renderer's working size, on the CPU) that move the
+        portrait's mesh to each of `meshes` [T, 478, 3]; frames in parallel on `pool`'s threads (OpenCV and NumPy
+        release the GIL)."""
         size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
-        flows = [
-            prior_flow(portrait.landmarks, driving, size, working)[0]
-            for driving in self.motion_landmarks(portrait.landmarks, motion_latents)
-        ]
-        return torch.from_numpy(np.stack(flows)).to(motion_latents.device)
+
+        def flow(driving: np.ndarray) -> np.ndarray:
+            return prior_flow(portrait.landmarks, driving, size, working)[0]
+
+        return torch.from_numpy(np.stack(list(pool.map(flow, meshes)) if pool else [flow(m) for m in meshes]))
 
     @torch.no_grad()
     def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
-        dtype = self.flow_estimator.dtype
+        dtype, device = self.flow_estimator.dtype, self.flow_estimator.device
+        # Every frame's mesh in one copy from the device: no sync inside the loop, so on a GPU each batch's prior
+        # flows (CPU) are computed while the batch before is still being rendered.
+        meshes = self.motion_landmarks(portrait.landmarks, motion_latents)
         frames = []
-        for start in range(0, motion_latents.shape[0], batch_size):
-            driving = motion_latents[start : start + batch_size].to(dtype)
-            prior = self.prior_flows(portrait, driving).to(dtype)
-            flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype), prior)
-            image = self.face_decoder(
-                portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
-            ).sample
-            frames.append(((image.float() + 1) / 2).clamp(0, 1))
+        with ThreadPoolExecutor(max_workers=min(batch_size, os.cpu_count() or 1)) as pool:
+            for start in range(0, motion_latents.shape[0], batch_size):
+                driving = motion_latents[start : start + batch_size].to(dtype)
+                prior = self.prior_flows(portrait, meshes[start : start + batch_size], pool).to(device, dtype)
+                flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype), prior)
+                image = self.face_decoder(
+                    portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
+                ).sample
+                frames.append(((image.float() + 1) / 2).clamp(0, 1))
         return torch.cat(frames)
 
     # Putting it together -------------------------------------------------------------------------
@@ -464,6 +516,7 @@ class INFPPipeline(DiffusionPipeline):
         paste_back: bool = False,
         max_duration: float | None = None,
         render_batch_size: int = 16,
+        window_overlap: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -483,6 +536,9 @@ class INFPPipeline(DiffusionPipeline):
             image_size: side of the square face crop that is rendered.
             paste_back: return full portrait frames with the generated face pasted in, instead of the crop.
             max_duration: reject tracks longer than this many seconds.
+            render_batch_size: frames rendered per renderer call.
+            window_overlap: frames each motion window shares with the one before, cross-faded (0: windows end
+                to end, fastest; None: a fifth of the window, which hides the seams between windows).
             output_type: "pil", "np", "pt" or "latent" (motion latents only, nothing rendered).
             callback_on_step_end: called as `fn(pipe, step, timestep, tensors)` after every denoising step
                 (steps are counted across windows); may return {"latents": ...} to replace them.
@@ -497,10 +553,11 @@ class INFPPipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}.")
+        window_overlap = self.resolve_window_overlap(window_overlap)
         # 1. Prepare inputs
         face = self.prepare_portrait(portrait, image_size)
         own, partner = self.prepare_audio(audio_self, audio_other, max_duration)
-        own_padded, partner_padded, num_frames, padded_frames = self.pad_to_windows(own, partner)
+        own_padded, partner_padded, num_frames, padded_frames = self.pad_to_windows(own, partner, window_overlap)
         style_vector = self.prepare_style(style, image_size)
         portrait_encoding = self.encode_portrait(face)
 
@@ -512,7 +569,8 @@ class INFPPipeline(DiffusionPipeline):
         # 4. Denoise window by window; the first window continues from the portrait's own motion.
         motion_latents = self.denoise_windows(
             portrait_encoding, motion_features, plain_motion_features, num_inference_steps, guidance_scale,
-            style_guidance_scale, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            style_guidance_scale, generator, eta, window_overlap, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )[:num_frames]  # fmt: skip
 
         mixed_audio = mix_tracks(own, partner)[: round(num_frames / self.fps * SAMPLE_RATE)]
@@ -554,22 +612,28 @@ class INFPPipeline(DiffusionPipeline):
         image_size: int = 256,
         audio_context: float = 2.0,
         render_batch_size: int = 16,
+        window_overlap: int | None = None,
+        paste_back: bool = False,
     ) -> Iterator[INFPStreamOutput]:
         """Generate while the audio arrives, one window at a time.
 
         `audio_chunks` yields (own, partner) pieces of 16 kHz mono float audio arrays, of any lengths (partner
         None: silence). As soon as the audio of a whole window (`window_size` frames) has arrived, that window is
-        generated, each window continuing from the last `num_prev_frames` latents of the one before as in
-        `__call__`, and its frames are yielded with their mixed audio. Whisper features and voice activity of a
-        window are computed from its own audio plus up to `audio_context` seconds before it, so the output is
-        close to, not identical with, `__call__` on the whole tracks (identical when everything fits in one
-        window). When the chunks end, the last partial window is padded with silence and cut back.
+        generated, continuing from the frames before it and cross-faded with the one before over `window_overlap`
+        frames as in `__call__`, and its finished frames are yielded with their mixed audio (the frames the next
+        window will fade into are held back until then). Whisper features and voice activity of a window are
+        computed from its own audio plus up to `audio_context` seconds before it, so the output is close to, not
+        identical with, `__call__` on the whole tracks (identical when everything fits in one window). When the
+        chunks end, the last partial window is padded with silence and cut back. With `paste_back`, frames are
+        the full portrait with the generated face pasted in, as in `__call__`.
         """
         if self.motion_guider is None or self.motion_transformer is None:
             raise ValueError("This pipeline has no audio-to-motion model: load a checkpoint with stage 2.")
+        window_overlap = self.resolve_window_overlap(window_overlap)
         transformer = self.motion_transformer
         window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
-        window_samples = round(window / self.fps * SAMPLE_RATE)
+        stride = window - window_overlap
+        samples_per_frame = SAMPLE_RATE / self.fps
         context_samples = round(audio_context * SAMPLE_RATE)
         face = self.prepare_portrait(portrait, image_size)
         style_vector = self.prepare_style(style, image_size)
@@ -578,35 +642,61 @@ class INFPPipeline(DiffusionPipeline):
         own = np.zeros(0, np.float32)
         partner = np.zeros(0, np.float32)
         window_index = 0
+        held = None  # normalised latents generated but not yet yielded: the frames the next window fades into
+        yielded = 0
 
-        def generate_window(num_frames: int) -> INFPStreamOutput:
+        def samples(frames: int) -> int:
+            return round(frames * samples_per_frame)
+
+        def generate_window() -> torch.Tensor:
+            """The next window's normalised latents [1, W, latent_dim], faded in from the held frames."""
             nonlocal prev, window_index
-            start = window_index * window_samples
-            end = start + window_samples
+            start, end = samples(window_index * stride), samples(window_index * stride + window)
             first = max(0, start - context_samples)
             tracks = [np.pad(x[first:end], (0, end - min(end, len(x)))) for x in (own, partner)]
-            context_frames = round((end - first) / SAMPLE_RATE * self.fps)
+            context_frames = round((end - first) / samples_per_frame)
             styled, plain = self.motion_features_for(*tracks, context_frames, style_vector)
             latents = self.denoise_window(
                 styled[:, -window:], None if plain is None else plain[:, -window:], prev, num_inference_steps,
                 guidance_scale, style_guidance_scale, generator, eta, window_index, None, [], _NoProgress(),
             )  # fmt: skip
-            prev = latents[:, -num_prev:]
+            if held is not None:
+                latents = crossfade(held, latents)
+            prev = latents[:, stride - num_prev : stride]
             window_index += 1
-            motion_latents = transformer.denormalize_latents(latents)[0, :num_frames]
+            return latents
+
+        def emit(latents: torch.Tensor) -> INFPStreamOutput:
+            """Render the next frames, normalised latents [1, n, latent_dim], with their mixed audio."""
+            nonlocal yielded
+            motion_latents = transformer.denormalize_latents(latents)[0]
             frames = self.render(portrait_encoding, motion_latents, render_batch_size)
-            audio = mix_tracks(*(t[-window_samples:] for t in tracks))[: round(num_frames / self.fps * SAMPLE_RATE)]
+            start, end = samples(yielded), samples(yielded + len(motion_latents))
+            tracks = [np.pad(x[start:end], (0, end - start - len(x[start:end]))) for x in (own, partner)]
+            yielded += len(motion_latents)
             frames = frames.permute(0, 2, 3, 1).cpu().float().numpy()
-            return INFPStreamOutput(frames=frames, motion_latents=motion_latents, audio=audio)
+            if paste_back:
+                frames = paste_back_frames((frames * 255).round().astype(np.uint8), face).astype(np.float32) / 255
+            return INFPStreamOutput(frames=frames, motion_latents=motion_latents, audio=mix_tracks(*tracks))
 
         for own_chunk, partner_chunk in audio_chunks:
             own_chunk = np.asarray(own_chunk, dtype=np.float32).reshape(-1)
             partner_chunk = np.zeros_like(own_chunk) if partner_chunk is None else partner_chunk
             own = np.concatenate([own, own_chunk])
             partner = np.concatenate([partner, np.asarray(partner_chunk, dtype=np.float32).reshape(-1)])
-            while min(len(own), len(partner)) >= (window_index + 1) * window_samples:
-                yield generate_window(window)
+            while min(len(own), len(partner)) >= samples(window_index * stride + window):
+                latents = generate_window()
+                held = latents[:, stride:]
+                yield emit(latents[:, :stride])
         own, partner = pad_to_same_length(own, partner)
-        total_frames = round(len(own) / SAMPLE_RATE * self.fps)
-        while window_index * window < total_frames:
-            yield generate_window(min(window, total_frames - window_index * window))
+        total_frames = round(len(own) / samples_per_frame)
+        while yielded < total_frames:
+            if held is not None and yielded + held.shape[1] >= total_frames:
+                yield emit(held[:, : total_frames - yielded])
+                break
+            latents = generate_window()
+            if yielded + window >= total_frames:
+                yield emit(latents[:, : total_frames - yielded])
+                break
+            held = latents[:, stride:]
+            yield emit(latents[:, :stride])

@@ -37,6 +37,22 @@ def test_speed_benchmark_times_every_stage(tmp_path):
     assert row["first frame latency s"] < sum(row["seconds"].values())
     assert 0 < row["streaming first window s"] and row["streaming fps"] > 0
     assert "cpu_threads" in result["machine"]
+    assert row["variant"] == "fp32" and row["deviation from fp32"]["latents max"] == 0  # same seed, same video
+
+
+def test_speed_benchmark_checks_that_fast_paths_keep_the_output(tmp_path):
+    pipe = build_pipeline("tiny", seed=0)
+    randomize(pipe.motion_transformer, seed=1)
+    pipe.save_pretrained(tmp_path / "pipe")
+    result = load("speed").main(["--checkpoint", str(tmp_path / "pipe"), "--seconds", "1", "--steps", "2",
+                                 "--size", "64", "--runs", "1", "--warmup", "0", "--dtypes", "fp32", "fp16",
+                                 "--channels-last"])  # fmt: skip
+    exact, half = result["results"]
+    assert exact["variant"] == "fp32+channels-last"
+    assert exact["deviation from fp32"]["latents max"] < 1e-5 and exact["deviation from fp32"]["pixels mean"] < 0.01
+    if "unsupported" not in half:  # fp16 kernels exist for every op on this machine
+        assert half["variant"] == "fp16+channels-last"
+        assert 0 < half["deviation from fp32"]["pixels mean"] < 5
 
 
 def test_diarization_scores_against_rttm_turns(tmp_path):

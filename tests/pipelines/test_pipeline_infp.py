@@ -1,5 +1,7 @@
 """INFPPipeline end to end with tiny random components on a real portrait crop."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -51,7 +53,7 @@ def window(pipe) -> int:
 
 
 def test_frame_count_is_exact_for_odd_lengths(pipe, face):
-    out = run(pipe, face, speech(1.37))  # 34.25 frames → 34, spread over three tiny windows
+    out = run(pipe, face, speech(1.37))  # 34.25 frames → 34, spread over four overlapping tiny windows
     assert out.frames.shape == (34, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert out.frames.dtype == np.float32 and 0 <= out.frames.min() and out.frames.max() <= 1
     assert out.motion_latents.shape == (34, pipe.motion_transformer.config.latent_dim)
@@ -113,12 +115,45 @@ def test_previous_window_conditions_the_next(pipe, face):
         return tensors
 
     own = speech(2 * size / 25)
-    plain = run(pipe, face, own, output_type="latent")
-    shifted = run(pipe, face, own, output_type="latent", callback_on_step_end=shift_first_window)
+    # Windows end to end: nothing but the condition frames carries the first window into the second.
+    plain = run(pipe, face, own, output_type="latent", window_overlap=0)
+    shifted = run(pipe, face, own, output_type="latent", window_overlap=0, callback_on_step_end=shift_first_window)
     first, second = slice(0, size), slice(size, 2 * size)
     # Same noise for the second window in both runs, so only the temporal condition can change it.
     assert not torch.allclose(plain.motion_latents[first], shifted.motion_latents[first])
     assert (plain.motion_latents[second] - shifted.motion_latents[second]).abs().mean() > 1e-4
+
+
+def test_overlapping_windows_fade_from_one_into_the_next(pipe, face):
+    size, steps_per_window = window(pipe), STEPS
+    overlap = pipe.resolve_window_overlap(None)
+    assert overlap == size // 5 > 0
+    windows = []
+
+    def keep_windows(pipeline, step, timestep, tensors):
+        if step % steps_per_window == steps_per_window - 1:
+            windows.append(pipeline.motion_transformer.denormalize_latents(tensors["latents"])[0])
+        return tensors
+
+    own = speech(2 * size / 25)
+    out = run(pipe, face, own, output_type="latent", callback_on_step_end=keep_windows)
+    stride = size - overlap
+    assert len(windows) == pipe.num_windows(2 * size) == 3
+    joined = out.motion_latents
+    torch.testing.assert_close(joined[:stride], windows[0][:stride])
+    torch.testing.assert_close(joined[size : size + stride - overlap], windows[1][overlap:stride])
+    # Shared frames move from the first window's latents to the second's, a step of 1/(overlap + 1) at a time.
+    shared = joined[stride:size]
+    weights = torch.arange(1, overlap + 1).view(-1, 1) / (overlap + 1)
+    torch.testing.assert_close(shared, (1 - weights) * windows[0][stride:] + weights * windows[1][:overlap])
+
+
+def test_window_overlap_must_leave_the_condition_frames_in_the_finished_window(pipe, face):
+    largest = window(pipe) - pipe.motion_transformer.config.num_prev_frames
+    assert pipe.num_windows(100, largest) > pipe.num_windows(100, 0) == 9
+    for bad in (-1, largest + 1, 2.5):
+        with pytest.raises(ValueError, match=f"window_overlap must be a whole number of frames from 0 to {largest}"):
+            run(pipe, face, speech(0.4), window_overlap=bad)
 
 
 def test_style_changes_the_motion(pipe, face):
@@ -183,7 +218,7 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     portrait = pipe.encode_portrait(face)
     latents = pipe.encode_motion(face.image[None], moved[None], reference_landmarks=face.landmarks)
     assert torch.all(portrait.latent[:, : encoder.config.landmark_components] == 0)  # its own reference
-    prior = pipe.prior_flows(portrait, latents)
+    prior = pipe.prior_flows(portrait, pipe.motion_landmarks(face.landmarks, latents))
     working = pipe.appearance_encoder.config.sample_size
     assert prior.shape == (1, 2, working, working)
     # Inside the face every pixel samples the portrait 0.1 iod to its left (normalised: 2 px / crop side).
@@ -191,6 +226,17 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     assert centre == pytest.approx(-2 * 0.1 * iod / IMAGE_SIZE, rel=0.05)
     frames = pipe.render(portrait, latents)
     assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1
+
+
+def test_render_batches_and_threads_do_not_change_the_frames(pipe, face):
+    portrait = pipe.encode_portrait(face)
+    latents = run(pipe, face, speech(0.8), output_type="latent").motion_latents
+    batched = pipe.render(portrait, latents, batch_size=16)
+    # Other batch sizes reorder float sums only: far below one 8-bit grey level (1/255).
+    torch.testing.assert_close(pipe.render(portrait, latents, batch_size=1), batched, atol=1e-4, rtol=0)
+    meshes = pipe.motion_landmarks(face.landmarks, latents)
+    with ThreadPoolExecutor(2) as pool:
+        assert torch.equal(pipe.prior_flows(portrait, meshes, pool), pipe.prior_flows(portrait, meshes))
 
 
 # Streaming: windows yielded as the audio arrives, continuous with each other, like __call__.
@@ -210,21 +256,39 @@ def stream_all(pipe, face, own, partner=None, seed=0, log=None, **kwargs):
                             image_size=IMAGE_SIZE, **kwargs))  # fmt: skip
 
 
-def test_windows_come_as_soon_as_their_audio_has_arrived(pipe, face):
+@pytest.mark.parametrize(
+    "overlap, lengths",
+    [
+        # 34 frames in windows of 12 end to end: two full windows while streaming, the rest when the audio ends.
+        (0, [12, 12, 10]),
+        # Windows of 12 every 10 frames: each yields the 10 frames the next one does not fade into; the last 4
+        # frames come when the audio ends.
+        (2, [10, 10, 10, 4]),
+    ],
+)
+def test_windows_come_as_soon_as_their_audio_has_arrived(pipe, face, overlap, lengths):
     window = pipe.motion_transformer.config.window_size
     own, log, arrived = speech(1.37), [], []
     generator = torch.Generator().manual_seed(0)
     outputs = []
     for out in pipe.stream(face, chunks(own, log=log), num_inference_steps=2, generator=generator,
-                           image_size=IMAGE_SIZE):  # fmt: skip
+                           image_size=IMAGE_SIZE, window_overlap=overlap):  # fmt: skip
         arrived.append(log[-1])
         outputs.append(out)
-    # 34 frames in windows of 12: two full windows while streaming, the rest when the audio ends.
-    assert [len(o.frames) for o in outputs] == [12, 12, 10]
+    assert [len(o.frames) for o in outputs] == lengths
+    assert [len(o.audio) for o in outputs] == [n * SAMPLE_RATE // 25 for n in lengths]
     assert outputs[0].frames.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert arrived[0] < len(own)  # the first window did not wait for the whole track
     assert arrived[0] >= window / 25 * SAMPLE_RATE
-    assert sum(len(o.audio) for o in outputs) == 34 * SAMPLE_RATE // 25
+
+
+def test_streamed_audio_is_the_mix_of_both_tracks_frame_for_frame(pipe, face):
+    own, partner = speech(1.37), speech(1.37, seed=1)
+    outputs = stream_all(pipe, face, own, partner)
+    streamed = np.concatenate([o.audio for o in outputs])
+    samples = 34 * SAMPLE_RATE // 25
+    assert np.abs(own + partner).max() < 1  # no clipping, so the mix is the plain sum
+    np.testing.assert_allclose(streamed, (own + partner)[:samples], atol=1e-6)
 
 
 def test_one_window_streams_exactly_like_the_whole_call(pipe, face):

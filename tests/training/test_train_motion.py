@@ -8,12 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline_infp import INFPPipeline
 from tests.training.test_prepare_motion import save_tiny_pipeline
 from training import prepare_motion
 from training.prepared import PreparedDataset
-from training.train_motion import MotionData, MotionWindowDataset, main, parse_args, place_turns
+from training.train_motion import (
+    MOTION_MODEL,
+    MotionData,
+    MotionModel,
+    MotionWindowDataset,
+    build_motion_model,
+    init_from_pipeline,
+    main,
+    parse_args,
+    place_turns,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_motion.py"
@@ -78,6 +89,28 @@ def test_trains_checkpoints_resumes_and_exports_a_complete_pipeline(data_dir, mo
     for name in ("motion_encoder", "flow_estimator", "face_decoder"):
         ours, theirs = getattr(resumed, name).state_dict(), getattr(renderer, name).state_dict()
         assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-2) for k in ours)
+
+
+def test_fine_tuning_starts_from_a_saved_motion_model_and_keeps_new_layers(data_dir, motion_setup, tmp_path):
+    main(tiny_args(data_dir, motion_setup, tmp_path / "run"))
+    folder = tmp_path / "run" / "pipeline"
+    source = INFPPipeline.from_pretrained(folder)
+    # A folder saved before a layer was added lacks that layer's weights (here: the own voice's activity cue).
+    guider_weights = folder / "motion_guider" / "diffusion_pytorch_model.safetensors"
+    state = load_file(guider_weights)
+    del state["own_activity"]
+    save_file(state, guider_weights)
+    model = MotionModel(build_motion_model(parse_args(tiny_args(data_dir, motion_setup, "/unused")), source))
+    new_layer = model.motion_guider.own_activity.detach().clone()
+    init_from_pipeline(model, str(folder))
+    for name in MOTION_MODEL:
+        ours, saved = getattr(model, name).state_dict(), getattr(source, name).state_dict()
+        for key in ours:
+            if key != "own_activity":
+                torch.testing.assert_close(ours[key], saved[key].float(), msg=key)
+    assert torch.equal(model.motion_guider.own_activity, new_layer)
+    with pytest.raises(FileNotFoundError, match="no motion_guider weights"):
+        init_from_pipeline(model, str(tmp_path / "empty"))
 
 
 def test_runs_as_two_processes_with_accelerate(data_dir, motion_setup, tmp_path):
