@@ -23,6 +23,7 @@ from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
     INFPInputError,
+    check_duration,
     load_audio,
     mouth_aperture,
     voice_activity,
@@ -96,11 +97,9 @@ def resolve_tracks(mode, own_audio, partner_audio, conversation, agent_speaker) 
 
 
 def _check_length(audio: np.ndarray, name: str) -> None:
-    if _seconds(audio) > MAX_SECONDS:
-        raise gr.Error(
-            f"The {name} is {_seconds(audio):.1f} s long; this demo takes at most {MAX_SECONDS:g} s. Trim it, or run "
-            "the app yourself with a higher INFP_MAX_SECONDS (or use `python -m pipeline_infp.generate`)."
-        )
+    """The demo's own limit (generate turns the error into a message in the page)."""
+    remedy = "trim it, or run the app yourself with a higher INFP_MAX_SECONDS (or `python -m pipeline_infp.generate`)."
+    check_duration(audio, MAX_SECONDS, name, remedy)
 
 
 def gpu_seconds(portrait, mode, own_audio, partner_audio, conversation, agent_speaker, style, style_clip, steps,

@@ -138,7 +138,7 @@ def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices,
     with pytest.raises(gr.Error, match="silent"):
         generate(own=str(silent), partner=str(silent))
     monkeypatch.setattr(app, "MAX_SECONDS", 1.0)
-    with pytest.raises(gr.Error, match="at most 1 s"):
+    with pytest.raises(gr.Error, match="agent's voice track is 1.2 s long; the limit is 1 s: trim it, or run the app"):
         generate(own=voices["own"])
 
 

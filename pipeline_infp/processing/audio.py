@@ -152,13 +152,13 @@ def pad_to_same_length(*tracks: np.ndarray) -> list[np.ndarray]:
     return [np.pad(t, (0, length - len(t))) for t in tracks]
 
 
-def check_duration(audio: np.ndarray, max_seconds: float, name: str = "audio") -> None:
+def check_duration(
+    audio: np.ndarray, max_seconds: float, name: str = "audio", remedy: str = "trim it or raise max_duration."
+) -> None:
+    """Raise `AudioTooLongError` (its message ends with `remedy`) when `audio` lasts more than `max_seconds`."""
     seconds = len(audio) / SAMPLE_RATE
     if seconds > max_seconds:
-        raise AudioTooLongError(
-            f"The {name} track is {seconds:.1f} s long; the limit is {max_seconds:.1f} s: trim it or "
-            "raise max_duration."
-        )
+        raise AudioTooLongError(f"The {name} track is {seconds:.1f} s long; the limit is {max_seconds:g} s: {remedy}")
 
 
 def _db(rms: np.ndarray | float) -> np.ndarray:
