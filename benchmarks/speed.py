@@ -134,15 +134,15 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> tuple[dict, object]:
     times["guide"], (motion_features, _) = timed(lambda: pipe.guide(features, activity, None), device, runs, warmup)
     motion_features = motion_features.to(pipe.motion_transformer.dtype)
 
-    def motion(windows: int):
+    def motion(frames: int):
+        """The windows covering the first `frames` of the padded frames (`padded`: all; `window`: the first)."""
         generator.manual_seed(0)
-        frames = window + (windows - 1) * (window - overlap)
         return pipe.denoise_windows(
             portrait, motion_features[:, :frames], None, args.steps, args.guidance_scale, 1.0, generator, 0.0, overlap
         )[:num_frames]
 
-    times["motion generation"], latents = timed(lambda: motion(num_windows), device, runs, warmup)
-    times["first window motion"], _ = timed(lambda: motion(1), device, runs, warmup)
+    times["motion generation"], latents = timed(lambda: motion(padded), device, runs, warmup)
+    times["first window motion"], _ = timed(lambda: motion(window), device, runs, warmup)
     times["rendering"], frames = timed(
         lambda: pipe.render(portrait, latents, args.render_batch_size), device, runs, warmup
     )

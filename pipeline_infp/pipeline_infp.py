@@ -648,12 +648,16 @@ class INFPPipeline(DiffusionPipeline):
         def samples(frames: int) -> int:
             return round(frames * samples_per_frame)
 
+        def segments(start: int, end: int) -> list[np.ndarray]:
+            """Both tracks' samples [start, end), zero-padded where the audio has not reached."""
+            return [np.pad(x[start:end], (0, end - start - len(x[start:end]))) for x in (own, partner)]
+
         def generate_window() -> torch.Tensor:
             """The next window's normalised latents [1, W, latent_dim], faded in from the held frames."""
             nonlocal prev, window_index
             start, end = samples(window_index * stride), samples(window_index * stride + window)
             first = max(0, start - context_samples)
-            tracks = [np.pad(x[first:end], (0, end - min(end, len(x)))) for x in (own, partner)]
+            tracks = segments(first, end)
             context_frames = round((end - first) / samples_per_frame)
             styled, plain = self.motion_features_for(*tracks, context_frames, style_vector)
             latents = self.denoise_window(
@@ -671,8 +675,7 @@ class INFPPipeline(DiffusionPipeline):
             nonlocal yielded
             motion_latents = transformer.denormalize_latents(latents)[0]
             frames = self.render(portrait_encoding, motion_latents, render_batch_size)
-            start, end = samples(yielded), samples(yielded + len(motion_latents))
-            tracks = [np.pad(x[start:end], (0, end - start - len(x[start:end]))) for x in (own, partner)]
+            tracks = segments(samples(yielded), samples(yielded + len(motion_latents)))
             yielded += len(motion_latents)
             frames = frames.permute(0, 2, 3, 1).cpu().float().numpy()
             if paste_back:
