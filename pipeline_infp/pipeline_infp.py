@@ -163,14 +163,16 @@ class INFPPipeline(DiffusionPipeline):
         trust_remote_code=True)`; here those copies are never executed (diffusers would run the folder's
         pipeline file whenever one is present, so the components are loaded one by one instead).
         Components passed as keyword arguments are used as they are. Supported options: `torch_dtype`,
-        `variant`, `use_safetensors`, `low_cpu_mem_usage` (False initialises weights a folder lacks instead of
-        leaving them unallocated) and, for Hub repos, `revision`, `token`, `cache_dir`, `local_files_only`.
+        `variant`, `use_safetensors`, `low_cpu_mem_usage` and, for Hub repos, `revision`, `token`, `cache_dir`,
+        `local_files_only`. `low_cpu_mem_usage` defaults to False here: weights a folder lacks (layers added since
+        it was saved, zero-initialised where that keeps the old outputs) are initialised instead of being left
+        unallocated on the meta device, where the first call would fail.
         """
         if kwargs.pop("trust_remote_code", False):
             return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         components = {name: kwargs.pop(name) for name in [*COMPONENT_CLASSES, "scheduler"] if name in kwargs}
         load_options = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
-        load_kwargs = {key: kwargs.pop(key) for key in load_options if key in kwargs}
+        load_kwargs = {"low_cpu_mem_usage": False} | {key: kwargs.pop(key) for key in load_options if key in kwargs}
         download_kwargs = {
             key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }

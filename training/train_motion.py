@@ -18,6 +18,13 @@ Denoising loss (the transformer predicts the clean latents, see `presets.make_sc
 weight decay 1e-2); the style vector is zeroed with p = 0.3 and the motion features and previous-window
 latents are dropped with p = 0.5 each (classifier-free guidance).
 
+Style: a clip's latents are relative to its own most neutral frame, so an emotion clip alone does not show its
+emotion. `expression_offsets` measures each MEAD emotion clip's lasting expression against the same person's
+neutral clip; with p = `--expression_prob` a window and its style reference are both moved by one of those
+offsets (already held, or setting in at the window's start as from a neutral portrait), so the style is the
+only input that says which expression to hold. The presets are the style encoder's vectors of the emotion
+clips with their offsets.
+
     python training/train_motion.py --data_dir prepared --renderer checkpoints/infp-base \
         --output_dir runs/motion --config cpu
     accelerate launch --multi_gpu --num_processes 8 training/train_motion.py ... --config gpu
@@ -35,6 +42,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +59,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_head_imitation import make_accelerator, resume, save_checkpoint  # noqa: E402
 
 from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
+from pipeline_infp.motion_features import align  # noqa: E402
 from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
-from pipeline_infp.processing import FaceCrop, mouth_aperture, write_video  # noqa: E402
+from pipeline_infp.processing import FaceCrop, landmark_offsets, mouth_aperture, write_video  # noqa: E402
 from prepared import PreparedClip, PreparedDataset  # noqa: E402
 
 logger = get_logger(__name__)
 MOTION_MODEL = ("motion_guider", "motion_transformer")
 STYLE_PRESETS = ("neutral", "happy", "sad", "angry", "surprised")
+EMOTIONS = (*STYLE_PRESETS, "contempt", "disgusted", "fear")
+# Forehead, nose bridge, eye corners and temples: they align two expressions of one face without the smile or
+# the brows pulling the alignment.
+STABLE_POINTS = [10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 33, 133, 362, 263, 127, 356, 234, 454]
 
 
 # Presets -------------------------------------------------------------------------------------------
@@ -109,6 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--init_from", help="fine-tune: start from the motion model of a pipeline folder (e.g. checkpoints/infp-base)"
     )
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument(
+        "--new_layers_learning_rate",
+        type=float,
+        help="with --init_from: learning rate of the layers the folder lacks (default --learning_rate), so that new "
+        "layers can learn fast while a low --learning_rate keeps what the trained ones know",
+    )
     parser.add_argument("--weight_decay", type=float, default=1e-2)
     parser.add_argument("--style_drop_prob", type=float, default=0.3)
     parser.add_argument("--motion_drop_prob", type=float, default=0.5)
@@ -118,6 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--speaking_kinds", nargs="+", default=["talking", "dyadic-split"])
     parser.add_argument("--listening_kinds", nargs="+", default=["nonverbal"])
     parser.add_argument("--style_clips", default="dreamtalk-", help="id prefix of the MEAD emotion clips")
+    parser.add_argument(
+        "--expression_prob", type=float, default=0.3, help="windows moved by an emotion's expression (style data)"
+    )
+    parser.add_argument("--expression_ramp", type=int, default=12, help="frames over which an expression sets in")
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--report_to", default=None)
@@ -174,12 +197,67 @@ class MotionData:
     def speech_features(self, track) -> np.ndarray:
         return np.load(self.motion_dir / "audio" / f"{track.id}.whisper.npy", mmap_mode="r")
 
+    def reference_mesh(self, clip: PreparedClip) -> np.ndarray:
+        """The mesh the clip's latents are relative to (`prepare_motion.reference_frame`)."""
+        return np.asarray(clip.landmarks[self.index[clip.id]["reference_frame"]], dtype=np.float64)
+
+
+def emotion_of(clip_id: str) -> str | None:
+    return next((e for e in EMOTIONS if f"-{e}-" in clip_id), None)
+
+
+def expression_offsets(data: PreparedDataset, motion: MotionData, prefix: str, encoder) -> dict[str, np.ndarray]:
+    """Motion-latent offsets [latent_dim] that turn each emotion clip's latents (ids `<prefix>...-<emotion>-...`)
+    into latents relative to the same identity's neutral clip: the expression the clip rests in against the
+    neutral clip's, on the motion encoder's geometric basis (the appearance features are not relative).
+    Neutral clips get zeros; identities without a neutral clip are left out."""
+    groups: dict[str, list[PreparedClip]] = {}
+    for clip in data.clips():
+        if clip.id in motion.index and clip.id.startswith(prefix) and emotion_of(clip.id):
+            groups.setdefault(clip.identity, []).append(clip)
+    offsets = {}
+    for group in groups.values():
+        neutral = next((c for c in group if emotion_of(c.id) == "neutral"), None)
+        if neutral is None:
+            continue
+        reference = motion.reference_mesh(neutral)
+        neutral_rest = rest_expression(neutral, reference)
+        for clip in group:
+            offset = landmark_offsets(rest_expression(clip, reference), neutral_rest)
+            geometry = encoder.encode_landmark_offsets(torch.from_numpy(offset)[None].to(encoder.device))[0]
+            latent = np.zeros(encoder.config.latent_dim, np.float32)
+            latent[: len(geometry)] = geometry.float().cpu().numpy()
+            offsets[clip.id] = latent
+    return offsets
+
+
+def rest_expression(clip: PreparedClip, reference: np.ndarray) -> np.ndarray:
+    """The clip's mean mesh over its most closed-mouth quarter of frames, each frame's head pose aligned onto
+    `reference` by the stable points. One frame's mesh is too noisy to tell a smile from a neutral face (the
+    measured corner lift of `happy` then came out negative for one of three people); a quarter of a clip is not."""
+    meshes = np.asarray(clip.landmarks, dtype=np.float64)
+    aperture = mouth_aperture(meshes)
+    aligned = []
+    for mesh in meshes[aperture <= np.quantile(aperture, 0.25)]:
+        scale, rotation, shift = align(mesh[STABLE_POINTS], reference[STABLE_POINTS])
+        aligned.append(scale * mesh @ rotation.T + shift)
+    return np.mean(aligned, axis=0)
+
 
 class MotionWindowDataset(Dataset):
     """Random windows of `num_prev + window` frames; every index draws its own, so any sampler shards it."""
 
-    def __init__(self, motion: MotionData, args, num_prev: int, window: int, samples_per_step: int):
+    def __init__(
+        self,
+        motion: MotionData,
+        args,
+        num_prev: int,
+        window: int,
+        samples_per_step: int,
+        expressions: Sequence[np.ndarray] = (),
+    ):
         self.motion, self.num_prev, self.window, self.args = motion, num_prev, window, args
+        self.expressions = expressions
         self.samples_per_step, self.seed = samples_per_step, args.seed
         self.length = args.max_train_steps * samples_per_step
         clips = motion.speaking + motion.listening
@@ -232,6 +310,10 @@ class MotionWindowDataset(Dataset):
         style_start = rng.integers(0, clip.num_frames - self.window + 1) if clip.num_frames > self.window else 0
         style = np.array(self.motion.latents(clip)[style_start : style_start + self.window], dtype=np.float32)
         style = np.pad(style, ((0, self.window - len(style)), (0, 0)), mode="edge")
+        if self.expressions and rng.random() < self.args.expression_prob:
+            offset = self.expressions[rng.integers(len(self.expressions))] * rng.uniform(0.5, 1.0)
+            latents += self.expression_weights(rng)[:, None] * offset
+            style += offset
         return {
             "latents": torch.from_numpy(latents),
             "own": torch.from_numpy(own.astype(np.float32)),
@@ -240,6 +322,17 @@ class MotionWindowDataset(Dataset):
             "partner_vad": torch.from_numpy(partner_vad),
             "style_latents": torch.from_numpy(style),
         }
+
+    def expression_weights(self, rng) -> np.ndarray:
+        """Per frame (previous frames, then the window): how much of an expression is held. Half the windows
+        continue one already held; the others start without it and it sets in smoothly, as it must when the
+        first window starts from a portrait's expression."""
+        weights = np.ones(self.num_prev + self.window, np.float32)
+        if rng.random() < 0.5:
+            ramp = np.clip(np.arange(self.window, dtype=np.float32) / max(1, self.args.expression_ramp), 0.0, 1.0)
+            weights[: self.num_prev] = 0.0
+            weights[self.num_prev :] = ramp * ramp * (3 - 2 * ramp)
+        return weights
 
 
 def place_turns(partner, partner_vad, own_vad, speech, overlap: bool, rng, min_pause: int = 8):
@@ -290,9 +383,10 @@ class MotionModel(nn.Module):
         ).sample
 
 
-def init_from_pipeline(model: "MotionModel", folder: str) -> None:
+def init_from_pipeline(model: "MotionModel", folder: str) -> list[str]:
     """Load the guider's and transformer's weights of a saved pipeline; parameters it lacks (layers added to the
-    architecture since it was saved) keep their fresh initialisation, and the log names them."""
+    architecture since it was saved) keep their fresh initialisation. Returns their names (as in `model`)."""
+    new = []
     for name in MOTION_MODEL:
         path = Path(folder) / name / "diffusion_pytorch_model.safetensors"
         if not path.is_file():
@@ -303,6 +397,8 @@ def init_from_pipeline(model: "MotionModel", folder: str) -> None:
         if unexpected:
             raise ValueError(f"--init_from {folder}: {name} has weights this model does not: {unexpected}")
         logger.info("Initialised %s from %s%s", name, path, f" (new: {', '.join(missing)})" if missing else "")
+        new += [f"{name}.{key}" for key in missing]
+    return new
 
 
 def build_motion_model(args, renderer: INFPPipeline) -> dict:
@@ -329,14 +425,17 @@ def assemble(renderer: INFPPipeline, model: MotionModel) -> INFPPipeline:
 
 
 @torch.no_grad()
-def style_presets(model: MotionModel, data: PreparedDataset, motion: MotionData, prefix: str) -> dict:
-    """Named style vectors: the style encoder's mean over each emotion's clips (ids `<prefix>...-<emotion>-...`)."""
+def style_presets(model: MotionModel, data: PreparedDataset, motion: MotionData, offsets: dict) -> dict:
+    """Named style vectors: the style encoder's mean over each emotion's clips, their latents made relative to
+    the same person's neutral face (`expression_offsets`)."""
     guider = model.motion_guider
     presets = {}
     for name in STYLE_PRESETS:
-        clips = [c for c in data.clips() if c.id in motion.index and c.id.startswith(prefix) and f"-{name}-" in c.id]
+        clips = [c for c in data.clips() if c.id in offsets and emotion_of(c.id) == name]
         vectors = [
-            guider.encode_style(torch.from_numpy(np.array(motion.latents(c))).to(guider.device, guider.dtype))
+            guider.encode_style(
+                torch.from_numpy(np.array(motion.latents(c)) + offsets[c.id]).to(guider.device, guider.dtype)
+            )
             for c in clips
         ]
         if vectors:
@@ -386,8 +485,7 @@ def main(argv=None):
     renderer = INFPPipeline.from_pretrained(args.renderer)
     renderer.set_progress_bar_config(disable=True)
     model = MotionModel(build_motion_model(args, renderer))
-    if args.init_from:
-        init_from_pipeline(model, args.init_from)
+    new_layers = init_from_pipeline(model, args.init_from) if args.init_from else []
     transformer = model.motion_transformer
     num_prev, window = transformer.config.num_prev_frames, transformer.config.window_size
 
@@ -397,8 +495,11 @@ def main(argv=None):
         "%d speaking clips, %d listening clips (left out as mouthing words: %s), %d speech tracks",
         len(motion.speaking), len(motion.listening), ", ".join(motion.left_out) or "none", len(motion.speech),
     )  # fmt: skip
+    offsets = expression_offsets(data, motion, args.style_clips, renderer.motion_encoder)
+    expressions = [offset for clip_id, offset in sorted(offsets.items()) if emotion_of(clip_id) != "neutral"]
+    logger.info("%d emotion expressions for style training from %s clips", len(expressions), args.style_clips)
     per_step = args.train_batch_size * accelerator.num_processes
-    dataset = MotionWindowDataset(motion, args, num_prev, window, per_step)
+    dataset = MotionWindowDataset(motion, args, num_prev, window, per_step, expressions)
     loader = DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
         drop_last=True,
@@ -411,7 +512,12 @@ def main(argv=None):
 
     scheduler = make_scheduler()  # the motion model's own schedule, whatever the renderer folder holds
     predicts_sample = scheduler.config.prediction_type == "sample"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    new_rate = args.new_layers_learning_rate or args.learning_rate
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in new_layers], "lr": args.learning_rate},
+        {"params": [p for n, p in model.named_parameters() if n in new_layers], "lr": new_rate},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
@@ -449,7 +555,7 @@ def main(argv=None):
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process:
-                export(accelerator.unwrap_model(model), renderer, data, motion, args, output_dir / "pipeline")
+                export(accelerator.unwrap_model(model), renderer, data, motion, offsets, output_dir / "pipeline")
         validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
         if accelerator.is_main_process and validation_due:
             path = validate(assemble(renderer, accelerator.unwrap_model(model)), data, global_step, output_dir)
@@ -459,17 +565,17 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.export_to:
-            export(accelerator.unwrap_model(model), renderer, data, motion, args, Path(args.export_to))
+            export(accelerator.unwrap_model(model), renderer, data, motion, offsets, Path(args.export_to))
         elapsed = time.perf_counter() - start
         windows = (global_step - first_step) * per_step / max(1e-9, elapsed)
         logger.info("Done: %d steps in %.1f min (%.1f windows/s)", global_step, elapsed / 60, windows)
     accelerator.end_training()
 
 
-def export(model: MotionModel, renderer: INFPPipeline, data, motion, args, folder: Path) -> None:
+def export(model: MotionModel, renderer: INFPPipeline, data, motion, offsets: dict, folder: Path) -> None:
     """The complete pipeline as an fp16 Hub folder, with the style presets in the guider's config."""
     pipe = copy.deepcopy(assemble(renderer, model))  # the export casts to fp16: not the renderer in use
-    pipe.motion_guider.register_to_config(style_presets=style_presets(model, data, motion, args.style_clips))
+    pipe.motion_guider.register_to_config(style_presets=style_presets(model, data, motion, offsets))
     if folder.exists():
         shutil.rmtree(folder)
     # Whisper-base weights are rebuilt on load; any other audio encoder (the tests' tiny one) travels with its weights.

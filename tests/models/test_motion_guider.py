@@ -80,3 +80,21 @@ def test_style_presets_are_saved_with_the_config(tmp_path):
     assert torch.all(loaded.style_preset("neutral") == 0)
     with pytest.raises(ValueError, match="Unknown style preset 'angry'.*happy"):
         loaded.style_preset("angry")
+
+
+def test_style_reaches_the_features_directly_once_trained_and_the_encoder_sees_the_mean_expression():
+    guider = tiny_model("motion_guider")
+    own, partner = audio(guider), audio(guider, seed=1)
+    style = torch.randn(guider.config.style_dim)
+    with torch.no_grad():
+        before = guider(own, partner, style=style).motion_features
+        guider.style_to_features.weight.normal_()
+        after = guider(own, partner, style=style).motion_features
+        shift = guider.style_to_features(style)
+        # The direct path adds one vector to every frame: nothing else changes.
+        torch.testing.assert_close(after - before, shift.expand_as(before), atol=1e-5, rtol=1e-5)
+        # A lasting expression (a constant offset to every reference frame) changes the style vector.
+        reference = torch.randn(1, 20, guider.config.latent_dim)
+        offset = torch.zeros(guider.config.latent_dim)
+        offset[0] = 2.0
+        assert (guider.encode_style(reference + offset) - guider.encode_style(reference)).abs().max() > 1e-3

@@ -1,12 +1,15 @@
 """Saved pipelines are self-contained Hub folders that load both ways and reproduce the same video."""
 
 import json
+import shutil
+from copy import deepcopy
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from pipeline_infp import INFPPipeline, MotionGuider, build_pipeline, export_for_hub
 from pipeline_infp.pipeline_infp import COMPONENT_CLASSES
@@ -144,6 +147,25 @@ def test_a_renderer_only_checkpoint_loads_and_reenacts_but_cannot_generate(saved
         assert frames.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.allclose(frames, expected, atol=1e-5)
         with pytest.raises(ValueError, match="only the stage-1 face renderer"):
             loaded(face, speech(0.3))
+
+
+def test_a_folder_saved_before_the_direct_style_path_loads_and_keeps_its_outputs(saved, face, tmp_path):
+    pipe, folder = saved
+    shutil.copytree(folder, tmp_path / "old")
+    weights = tmp_path / "old" / "motion_guider" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    added = [k for k in state if k.startswith("style_to_features.") or k.startswith("style_encoder.mean_proj.")]
+    assert len(added) == 3
+    save_file({k: v for k, v in state.items() if k not in added}, weights)
+
+    loaded = INFPPipeline.from_pretrained(tmp_path / "old")  # no weights left on the meta device
+    assert torch.all(loaded.motion_guider.style_to_features.weight == 0)
+    old = deepcopy(pipe)
+    torch.nn.init.zeros_(old.motion_guider.style_to_features.weight)
+    own = speech(0.5)
+    assert torch.allclose(
+        generate(loaded, face, own).motion_latents, generate(old, face, own).motion_latents, atol=1e-5
+    )
 
 
 def test_the_bundled_checkpoint_is_complete_and_its_code_copies_are_current():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,15 +12,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline_infp import INFPPipeline
+from pipeline_infp.processing import landmark_offsets
 from tests.training.test_prepare_motion import save_tiny_pipeline
+from tests.utils import tiny_model
 from training import prepare_motion
 from training.prepared import PreparedDataset
 from training.train_motion import (
     MOTION_MODEL,
+    STABLE_POINTS,
     MotionData,
     MotionModel,
     MotionWindowDataset,
     build_motion_model,
+    expression_offsets,
     init_from_pipeline,
     main,
     parse_args,
@@ -72,6 +77,60 @@ def test_windows_are_one_sided_during_warmup_and_take_turns_after(data_dir, moti
         assert torch.all(window["partner_vad"] * window["own_vad"] == 0)
 
 
+def test_expression_offsets_measure_each_emotion_against_the_same_persons_neutral_face():
+    rng = np.random.default_rng(0)
+    neutral = rng.normal(100.0, 30.0, (478, 3))
+    neutral[[13, 14]] = neutral[13]  # a closed mouth
+    smile = np.zeros((478, 3))
+    moving = np.setdiff1d(np.arange(478), [*STABLE_POINTS, 13, 14])[:40]
+    smile[moving, 1] = -4.0  # part of the face moves up, the stable points stay
+
+    def posed(mesh, degrees, scale, shift):  # the same face under another head pose and crop
+        angle = np.deg2rad(degrees)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        return scale * mesh @ rotation.T + shift
+
+    meshes = {
+        "x-m1-happy-1": [posed(neutral + smile, d, 1.3, 7.0) for d in (5, 12, -4, 0)],
+        "x-m1-neutral-1": [posed(neutral, d, 0.9, -3.0) for d in (0, 8, -6, 3)],
+        "x-w2-happy-1": [neutral] * 4,  # w2 has no neutral clip
+    }
+    clips = [SimpleNamespace(id=i, identity=i.split("-")[1], landmarks=np.stack(m)) for i, m in meshes.items()]
+    motion = SimpleNamespace(index=dict.fromkeys(meshes), reference_mesh=lambda clip: clip.landmarks[0])
+    encoder = tiny_model("motion_encoder")
+    expression = torch.from_numpy(landmark_offsets(neutral + smile, neutral))
+    encoder.fit_landmark_basis(torch.cat([expression[None] * rng.normal(size=(16, 1, 1)).astype(np.float32),
+                                          torch.randn(16, 478, 3) * 0.01]))  # fmt: skip
+
+    offsets = expression_offsets(SimpleNamespace(clips=lambda: clips), motion, "x-", encoder)
+    assert sorted(offsets) == ["x-m1-happy-1", "x-m1-neutral-1"]
+    assert np.allclose(offsets["x-m1-neutral-1"], 0, atol=1e-6)
+    latent = torch.from_numpy(offsets["x-m1-happy-1"])[None]
+    decoded = encoder.decode_landmark_offsets(latent)[0]
+    torch.testing.assert_close(decoded, expression, atol=2e-3, rtol=0)  # the smile, without the pose changes
+
+
+def test_expression_windows_hold_an_offset_or_ease_into_it_and_the_style_says_which(data_dir, motion_setup):
+    args = parse_args(tiny_args(data_dir, motion_setup, "/unused", "--expression_prob", "1", "--expression_ramp", "6"))
+    plain_args = parse_args(tiny_args(data_dir, motion_setup, "/unused", "--expression_prob", "0"))
+    motion = MotionData(PreparedDataset(data_dir), Path(args.motion_dir), ["talking"], ["nonverbal"], 16)
+    offset = np.arange(1, 9, dtype=np.float32)
+    moved = MotionWindowDataset(motion, args, num_prev=4, window=12, samples_per_step=2, expressions=[offset])
+    plain = MotionWindowDataset(motion, plain_args, num_prev=4, window=12, samples_per_step=2, expressions=[offset])
+    kinds = set()
+    for index in range(12):
+        a, b = moved[index], plain[index]
+        style_shift = (a["style_latents"] - b["style_latents"]).numpy()
+        scale = style_shift[0, 0]
+        assert 0.5 <= scale <= 1.0 and np.allclose(style_shift, scale * offset, atol=1e-5)
+        weights = ((a["latents"] - b["latents"]).numpy() / (scale * offset))[:, 0]
+        assert weights[-1] == pytest.approx(1.0) and np.all(np.diff(weights) >= -1e-6)
+        kinds.add("held" if weights[0] == pytest.approx(1.0) else "eased in")
+        if weights[0] != pytest.approx(1.0):
+            assert np.all(weights[:4] == 0) and 0 < weights[5] < 1  # the previous frames show none of it
+    assert kinds == {"held", "eased in"}
+
+
 def test_trains_checkpoints_resumes_and_exports_a_complete_pipeline(data_dir, motion_setup, tmp_path):
     main(tiny_args(data_dir, motion_setup, tmp_path))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -111,6 +170,24 @@ def test_fine_tuning_starts_from_a_saved_motion_model_and_keeps_new_layers(data_
     assert torch.equal(model.motion_guider.own_activity, new_layer)
     with pytest.raises(FileNotFoundError, match="no motion_guider weights"):
         init_from_pipeline(model, str(tmp_path / "empty"))
+
+
+def test_fine_tuning_can_train_only_the_layers_the_folder_lacks(data_dir, motion_setup, tmp_path):
+    main(tiny_args(data_dir, motion_setup, tmp_path / "run"))
+    folder = tmp_path / "run" / "pipeline"
+    guider_weights = folder / "motion_guider" / "diffusion_pytorch_model.safetensors"
+    state = load_file(guider_weights)
+    del state["style_to_features.weight"]
+    save_file(state, guider_weights)
+    tuned_args = ("--init_from", str(folder), "--learning_rate", "0", "--new_layers_learning_rate", "1e-2")
+    main(tiny_args(data_dir, motion_setup, tmp_path / "tuned", *tuned_args))
+    source, tuned = (INFPPipeline.from_pretrained(p) for p in (folder, tmp_path / "tuned" / "pipeline"))
+    for name in MOTION_MODEL:
+        ours, theirs = dict(getattr(tuned, name).named_parameters()), dict(getattr(source, name).named_parameters())
+        for key in ours:
+            if key != "style_to_features.weight":
+                assert torch.equal(ours[key], theirs[key]), key
+    assert tuned.motion_guider.style_to_features.weight.abs().max() > 0  # zero-initialised, then trained
 
 
 def test_runs_as_two_processes_with_accelerate(data_dir, motion_setup, tmp_path):

@@ -11,6 +11,11 @@ A motion style vector s_m edits the bank embeddings through StyleGAN2 weight mod
 demodulation. s_m is computed by a small style encoder from a reference motion-latent sequence,
 is taken from a named preset, or is zero (no style: the modulation then reduces to a fixed,
 demodulated projection, which is what classifier-free guidance uses as its unconditional branch).
+Beside the paper's modulation, s_m is also projected straight onto f_m: the modulation only reshapes
+the prototypes that attention retrieves, and alone it never learned to carry an expression (a happy
+preset moved the generated face by < 1 % of a smile after 1200 CPU steps). The style encoder sees the
+reference's mean latent directly too, because a lasting expression (a smile, lowered brows) is exactly
+that mean.
 
 The per-track audio projections live here rather than in the audio encoder, which stays the
 frozen Whisper encoder converted from its published weights.
@@ -65,13 +70,14 @@ class MotionStyleEncoder(nn.Module):
             nn.Conv1d(hidden_dim, hidden_dim, kernel_size=5, padding=2),
             nn.SiLU(),
         )
-        # Mean and spread over time: style is how a person moves, not where a clip happens to be.
+        # Mean and spread over time: how a person moves and the expression they hold, not when.
         self.proj = nn.Linear(2 * hidden_dim, style_dim)
+        self.mean_proj = nn.Linear(latent_dim, style_dim)
 
     def forward(self, motion_latents: torch.Tensor) -> torch.Tensor:
         hidden = self.convs(motion_latents.transpose(1, 2))
         std = hidden.std(dim=2, unbiased=False)
-        return self.proj(torch.cat([hidden.mean(dim=2), std], dim=1))
+        return self.proj(torch.cat([hidden.mean(dim=2), std], dim=1)) + self.mean_proj(motion_latents.mean(dim=1))
 
 
 class MotionGuider(ModelMixin, ConfigMixin):
@@ -113,6 +119,10 @@ class MotionGuider(ModelMixin, ConfigMixin):
         self.fusion_mlp = FeedForward(hidden_dim, mult=2, activation_fn="gelu")
 
         self.style_encoder = MotionStyleEncoder(latent_dim, style_hidden_dim, style_dim)
+        # Zero at first, so a guider trained without this path keeps its outputs until fine-tuning uses it; no bias,
+        # so a zero style still means no style.
+        self.style_to_features = nn.Linear(style_dim, hidden_dim, bias=False)
+        nn.init.zeros_(self.style_to_features.weight)
 
     @property
     def style_preset_names(self) -> list[str]:
@@ -172,7 +182,7 @@ class MotionGuider(ModelMixin, ConfigMixin):
         verbal = own_query + self.verbal_attn(self.verbal_norm(own_query), encoder_hidden_states=verbal_bank)
         non_verbal = self.non_verbal_attn(self.non_verbal_norm(partner_query), encoder_hidden_states=non_verbal_bank)
         fused = verbal + non_verbal
-        motion_features = fused + self.fusion_mlp(self.fusion_norm(fused))
+        motion_features = fused + self.fusion_mlp(self.fusion_norm(fused)) + self.style_to_features(style).unsqueeze(1)
         if not return_dict:
             return motion_features, verbal, non_verbal
         return MotionGuiderOutput(motion_features=motion_features, verbal=verbal, non_verbal=non_verbal)
