@@ -512,7 +512,7 @@ def main(argv=None):
 
     scheduler = make_scheduler()  # the motion model's own schedule, whatever the renderer folder holds
     predicts_sample = scheduler.config.prediction_type == "sample"
-    new_rate = args.new_layers_learning_rate or args.learning_rate
+    new_rate = args.learning_rate if args.new_layers_learning_rate is None else args.new_layers_learning_rate
     groups = [
         {"params": [p for n, p in model.named_parameters() if n not in new_layers], "lr": args.learning_rate},
         {"params": [p for n, p in model.named_parameters() if n in new_layers], "lr": new_rate},
