@@ -118,8 +118,10 @@ def gpu_seconds(portrait, mode, own_audio, partner_audio, conversation, agent_sp
 
 
 def generated_speaking_state(pipe: INFPPipeline, face: FaceCrop, motion_latents: torch.Tensor) -> np.ndarray:
-    """Whether the generated face talks, per frame: its lips move like speech (read from the generated mesh)."""
-    mouth = mouth_aperture(pipe.motion_landmarks(face.landmarks, motion_latents))
+    """Whether the generated face talks, per frame: its lips move like speech (read from the mesh it is rendered
+    with: the generated motion from the portrait at rest)."""
+    rendered = motion_latents + pipe.rest_motion(face.landmarks).to(motion_latents)
+    mouth = mouth_aperture(pipe.motion_landmarks(face.landmarks, rendered))
     return speaking_state(mouth, pipe.fps)
 
 

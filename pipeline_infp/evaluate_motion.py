@@ -232,6 +232,8 @@ def run_motion(args: argparse.Namespace) -> dict:
                 results[method].append(value)
         summary = summarise(results, space, args)
         talking_items = [i for i in items if i["kind"] == "talking"]
+        generated_talking = [dict(r, **r["aligned"]) for r in results["generated"] if r["kind"] == "talking"]
+        generated_mouth = mouth_correlations(generated_talking, results["ground truth"])
         styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
@@ -261,6 +263,7 @@ def run_motion(args: argparse.Namespace) -> dict:
         "styles": styles,
         "table": table,
         "items": [{k: v for k, v in i.items() if k in ("id", "kind")} for i in items],
+        "mouth_corr_per_clip": dict(zip([i["id"] for i in talking_items], generated_mouth)),
     }
     out = _round(out)
     if args.json:
@@ -294,10 +297,11 @@ def first_frame_face(item: dict) -> FaceCrop:
     return FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
 
 
-def generate(pipe, face, own, partner, steps: int, guidance: float, seed: int, overlap: int, style=None):
-    generator = torch.Generator().manual_seed(seed)
+def generate(pipe, face, own, partner, steps: int, guidance: float, args, style=None):
+    generator = torch.Generator().manual_seed(args.seed)
     out = pipe(face, own, partner, style=style, num_inference_steps=steps, guidance_scale=guidance,
-               generator=generator, window_overlap=overlap, output_type="np")  # fmt: skip
+               generator=generator, window_overlap=args.window_overlap, close_mouth=args.close_mouth,
+               output_type="np")  # fmt: skip
     return _uint8(out.frames), out.motion_latents
 
 
@@ -311,9 +315,7 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         face, own, partner = item["portrait"], item["audio"], item["partner"]
         length = max(len(own), len(partner))
         own, partner = np.pad(own, (0, length - len(own))), np.pad(partner, (0, length - len(partner)))
-    frames, latents = generate(
-        pipe, face, own, partner, args.steps, args.guidance_scale, args.seed, args.window_overlap
-    )
+    frames, latents = generate(pipe, face, own, partner, args.steps, args.guidance_scale, args)
     num_frames = len(frames)
     audio_series = {
         "own_vad": voice_activity(own, num_frames, fps=fps),
@@ -329,7 +331,7 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
     records["static"] = _record(
         np.repeat(portrait_landmarks, num_frames, 0), np.repeat(found, num_frames), space, audio_series
     )
-    encoding = pipe.encode_portrait(face)
+    encoding = pipe.encode_portrait(face, close_mouth=args.close_mouth)
     for method, motion in (
         ("random", random_motion(bank, num_frames, rng)),
         ("retrieval", retrieve(bank, own, num_frames, fps)),
@@ -355,6 +357,11 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
 
 def _energy(features: np.ndarray) -> np.ndarray:
     return np.r_[0.0, np.linalg.norm(np.diff(features, axis=0), axis=1)]
+
+
+def mouth_correlations(records: list[dict], truth: list[dict]) -> list[float]:
+    """Per talking clip: the mouth opening's correlation with the real one on the frames of its own speech."""
+    return [pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5]) for r, t in zip(records, truth)]
 
 
 def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
@@ -398,14 +405,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
                 )
             ),  # fmt: skip
             "mse": float(np.mean([np.mean((r["features"] - t["features"]) ** 2) for r, t in zip(compared, truth)])),
-            "mouth_corr": float(
-                np.mean(
-                    [
-                        pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5])
-                        for r, t in zip(compared, truth)
-                    ]
-                )
-            ),  # fmt: skip
+            "mouth_corr": float(np.mean(mouth_correlations(compared, truth))),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
         # Closed: an inner-lip gap under 0.05 inter-ocular distances; "rest": opened by less than that beyond the
@@ -438,7 +438,7 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
         features, mouth_corr, accuracy = [], [], []
         for item in items:
             face = first_frame_face(item)
-            frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args.seed, args.window_overlap)
+            frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args)
             landmarks, _ = read(frames)
             keep = item["indices"][item["indices"] < len(frames)]
             vad = voice_activity(item["audio"], len(frames), fps=pipe.fps) > 0.5
@@ -477,9 +477,7 @@ def run_styles(pipe, items, read, args) -> dict:
     for item in items:
         face = first_frame_face(item)
         for name in names:
-            frames, _ = generate(
-                pipe, face, item["audio"], None, args.steps, args.guidance_scale, args.seed, args.window_overlap, name
-            )
+            frames, _ = generate(pipe, face, item["audio"], None, args.steps, args.guidance_scale, args, name)
             landmarks, found = read(frames)
             measures[name].append(expression_measures(landmarks[found]))
     mean = {name: {k: float(np.mean([m[k] for m in rows])) for k in rows[0]} for name, rows in measures.items()}
@@ -539,6 +537,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--steps", type=int, default=20, help="DDIM steps of the generated method")
     sub.add_argument("--guidance-scale", type=float, default=2.5)
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
+    sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
+                     help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
     sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])

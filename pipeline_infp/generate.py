@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="side of the rendered face crop")
     parser.add_argument("--paste-back", action="store_true", help="paste the face back into the full portrait")
+    parser.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
+                        help="animate a portrait's parted lips as they are instead of closing them first")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.conversation and args.other_audio:
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
             generator=torch.Generator(args.device).manual_seed(args.seed),
             image_size=args.size,
             paste_back=args.paste_back,
+            close_mouth=args.close_mouth,
             output_type="np",
         )
     except INFPInputError as error:

@@ -42,6 +42,7 @@ from pipeline_infp.processing import (
     landmark_offsets,
     load_audio,
     mix_tracks,
+    mouth_closing_motion,
     pad_to_same_length,
     prior_flow,
     read_video,
@@ -55,7 +56,8 @@ class INFPPipelineOutput(BaseOutput):
     """
     frames: the video, as a list of PIL images, a float array [T, H, W, 3] in [0, 1] ("np"), a tensor
         [T, 3, H, W] in [0, 1] ("pt"), or None for output_type="latent".
-    motion_latents: generated motion latents [T, latent_dim], in the motion encoder's space.
+    motion_latents: generated motion latents [T, latent_dim], in the motion encoder's space, relative to the face
+        at rest (`render` adds the portrait's `rest` motion when `close_mouth` closed its lips).
     fps: frames per second of `frames`.
     audio: the own and partner tracks mixed, mono float32 at 16 kHz, as long as the video.
     """
@@ -98,12 +100,14 @@ class _NoProgress:
 class PortraitEncoding:
     """latent: the portrait's motion latent [1, latent_dim]; features: its appearance feature volume;
     image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution;
-    landmarks: its face mesh [478, 3] in crop pixels, which generated motion moves."""
+    landmarks: its face mesh [478, 3] in crop pixels, which generated motion moves;
+    rest: a motion latent [1, latent_dim] added to every rendered frame's, or None (see `encode_portrait`)."""
 
     latent: torch.Tensor
     features: torch.Tensor
     image: torch.Tensor
     landmarks: np.ndarray
+    rest: torch.Tensor | None = None
 
 
 def crossfade(tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -267,15 +271,31 @@ class INFPPipeline(DiffusionPipeline):
         return own, partner, num_frames, padded_frames
 
     @torch.no_grad()
-    def encode_portrait(self, face: FaceCrop) -> PortraitEncoding:
-        """Everything the renderer needs from the portrait, computed once per video."""
+    def encode_portrait(self, face: FaceCrop, close_mouth: bool = False) -> PortraitEncoding:
+        """Everything the renderer needs from the portrait, computed once per video.
+
+        Generated motion is relative to a face at rest with closed lips (every training clip's reference frame).
+        With `close_mouth`, a portrait with parted lips is first brought to rest: the most ordinary motion that
+        closes its lips (`mouth_closing_motion`) becomes `rest`, added to every frame the renderer draws, so the
+        face listens with a closed mouth and talks from there. Off for reenactment, where the driving motion is
+        relative to the portrait itself."""
         device, dtype = self._execution_device, self.appearance_encoder.dtype
         image = image_to_tensor(face.image[None], device, dtype)
         latent = self.encode_motion(face.image[None], face.landmarks[None])
         landmarks = np.asarray(face.landmarks, dtype=np.float32)
         return PortraitEncoding(
-            latent=latent, features=self.appearance_encoder(image), image=image, landmarks=landmarks
-        )
+            latent=latent, features=self.appearance_encoder(image), image=image, landmarks=landmarks,
+            rest=self.rest_motion(landmarks).to(latent) if close_mouth else None,
+        )  # fmt: skip
+
+    def rest_motion(self, landmarks: np.ndarray) -> torch.Tensor:
+        """The motion latent [1, latent_dim] that brings a face mesh [478, 3] with parted lips to rest: the most
+        ordinary mesh motion that closes them (`mouth_closing_motion`; zero for closed lips), no appearance change."""
+        encoder = self.motion_encoder
+        basis = encoder.landmark_basis.double() * encoder.landmark_scale.double()[:, None]
+        rest = torch.zeros(1, encoder.config.latent_dim)
+        rest[0, : len(basis)] = torch.from_numpy(mouth_closing_motion(landmarks, basis.cpu().numpy()))
+        return rest
 
     @torch.no_grad()
     def encode_motion(
@@ -485,6 +505,8 @@ class INFPPipeline(DiffusionPipeline):
     def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
         dtype, device = self.flow_estimator.dtype, self.flow_estimator.device
+        if portrait.rest is not None:
+            motion_latents = motion_latents + portrait.rest.to(motion_latents)
         # Every frame's mesh in one copy from the device: no sync inside the loop, so on a GPU each batch's prior
         # flows (CPU) are computed while the batch before is still being rendered.
         meshes = self.motion_landmarks(portrait.landmarks, motion_latents)
@@ -519,6 +541,7 @@ class INFPPipeline(DiffusionPipeline):
         max_duration: float | None = None,
         render_batch_size: int = 16,
         window_overlap: int | None = None,
+        close_mouth: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -541,6 +564,8 @@ class INFPPipeline(DiffusionPipeline):
             render_batch_size: frames rendered per renderer call.
             window_overlap: frames each motion window shares with the one before, cross-faded (0: windows end
                 to end, fastest; None: a fifth of the window, which hides the seams between windows).
+            close_mouth: close a portrait's parted lips before animating it, so that it listens with a closed
+                mouth (the generated motion is relative to a face at rest; see `encode_portrait`).
             output_type: "pil", "np", "pt" or "latent" (motion latents only, nothing rendered).
             callback_on_step_end: called as `fn(pipe, step, timestep, tensors)` after every denoising step
                 (steps are counted across windows); may return {"latents": ...} to replace them.
@@ -561,7 +586,7 @@ class INFPPipeline(DiffusionPipeline):
         own, partner = self.prepare_audio(audio_self, audio_other, max_duration)
         own_padded, partner_padded, num_frames, padded_frames = self.pad_to_windows(own, partner, window_overlap)
         style_vector = self.prepare_style(style, image_size)
-        portrait_encoding = self.encode_portrait(face)
+        portrait_encoding = self.encode_portrait(face, close_mouth)
 
         # 2-3. Encode audio and guide
         motion_features, plain_motion_features = self.motion_features_for(
@@ -616,6 +641,7 @@ class INFPPipeline(DiffusionPipeline):
         render_batch_size: int = 16,
         window_overlap: int | None = None,
         paste_back: bool = False,
+        close_mouth: bool = True,
     ) -> Iterator[INFPStreamOutput]:
         """Generate while the audio arrives, one window at a time.
 
@@ -627,7 +653,8 @@ class INFPPipeline(DiffusionPipeline):
         computed from its own audio plus up to `audio_context` seconds before it, so the output is close to, not
         identical with, `__call__` on the whole tracks (identical when everything fits in one window). When the
         chunks end, the last partial window is padded with silence and cut back. With `paste_back`, frames are
-        the full portrait with the generated face pasted in, as in `__call__`.
+        the full portrait with the generated face pasted in, and `close_mouth` rests the portrait's lips, as in
+        `__call__`.
         """
         if self.motion_guider is None or self.motion_transformer is None:
             raise ValueError("This pipeline has no audio-to-motion model: load a checkpoint with stage 2.")
@@ -639,7 +666,7 @@ class INFPPipeline(DiffusionPipeline):
         context_samples = round(audio_context * SAMPLE_RATE)
         face = self.prepare_portrait(portrait, image_size)
         style_vector = self.prepare_style(style, image_size)
-        portrait_encoding = self.encode_portrait(face)
+        portrait_encoding = self.encode_portrait(face, close_mouth)
         prev = self.initial_prev_latents(portrait_encoding)
         own = np.zeros(0, np.float32)
         partner = np.zeros(0, np.float32)

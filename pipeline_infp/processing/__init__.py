@@ -28,6 +28,7 @@ from .face import (
     hybrid_representation,
     load_image,
     mouth_aperture,
+    mouth_closing_motion,
     paste_back,
 )
 from .mesh_warp import (
@@ -40,7 +41,7 @@ from .mesh_warp import (
     prior_warp,
     retarget_landmarks,
 )
-from .video import read_audio_track, read_video, write_video
+from .video import audio_delay, read_audio_track, read_video, write_video
 
 __all__ = [
     "SAMPLE_RATE",
@@ -56,6 +57,7 @@ __all__ = [
     "VideoLoadError",
     "apply_landmark_offsets",
     "apply_matrix",
+    "audio_delay",
     "check_duration",
     "crop_matrix",
     "eye_aperture",
@@ -69,6 +71,7 @@ __all__ = [
     "mesh_warp",
     "mix_tracks",
     "mouth_aperture",
+    "mouth_closing_motion",
     "pad_to_same_length",
     "paste_back",
     "prior_flow",

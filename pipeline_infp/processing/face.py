@@ -35,6 +35,7 @@ NO_FACE_HINT = "use a photo where one face is clearly visible, frontal, at least
 # Fixed mesh vertices (MediaPipe canonical face model) used by the aperture measures.
 _EYE_OUTER_CORNERS = (33, 263)
 _INNER_LIP_PAIRS = ((13, 14), (82, 87), (312, 317))  # upper / lower inner lip, centre and sides
+CLOSED_MOUTH_APERTURE = 0.01  # MediaPipe's inner-lip gap of lips at rest, in inter-ocular distances
 _EYELID_PAIRS = ((159, 145), (158, 153), (160, 144), (386, 374), (385, 380), (387, 373))
 
 
@@ -499,6 +500,27 @@ def mouth_aperture(landmarks: np.ndarray) -> float | np.ndarray:
     landmarks = np.asarray(landmarks, dtype=np.float64)
     result = _pair_distance(landmarks, _INNER_LIP_PAIRS) / _pair_distance(landmarks, (_EYE_OUTER_CORNERS,))
     return float(result) if result.ndim == 0 else result
+
+
+def mouth_closing_motion(
+    landmarks: np.ndarray, basis: np.ndarray, target: float = CLOSED_MOUTH_APERTURE
+) -> np.ndarray:
+    """The smallest coefficients [K] over `basis` [K, 478 * 3] (landmark offsets in inter-ocular distances per
+    unit coefficient, `processing.landmark_offsets`) that bring the mesh's inner-lip gap (`mouth_aperture`) down
+    to `target`; zeros when the lips already meet. With a basis scaled to the spread of real facial motion this is
+    the most ordinary motion that closes these lips (jaw and lips together), not a pinch of the inner lip line."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    basis = np.asarray(basis, dtype=np.float64).reshape(len(basis), -1, 3)
+    excess = float(mouth_aperture(landmarks)) - target
+    if excess <= 0:
+        return np.zeros(len(basis))
+    upper, lower = np.array(_INNER_LIP_PAIRS).T
+    gaps = landmarks[upper, :2] - landmarks[lower, :2]
+    directions = gaps / np.linalg.norm(gaps, axis=-1, keepdims=True).clip(1e-9)
+    # Each gap measured along its own direction is linear in the coefficients (the norm is not where lips meet):
+    # the least-norm solution of one linear equation.
+    gradient = np.einsum("pd,kpd->k", directions, basis[:, upper, :2] - basis[:, lower, :2]) / len(upper)
+    return -gradient * excess / max(float(gradient @ gradient), 1e-12)
 
 
 def eye_aperture(landmarks: np.ndarray) -> float | np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -152,8 +154,27 @@ def read_video(path: str | Path, fps: float = 25.0, max_frames: int | None = Non
     return np.stack(frames), stream.source_fps
 
 
+_FIRST_PTS = re.compile(r"Parsed_(a?)showinfo_\d+ @ [^\]]*\] n:\s*0 pts:\s*-?\d+ pts_time:\s*(-?[0-9.eE+-]+)")
+
+
+def audio_delay(path: str | Path) -> float:
+    """Seconds from a clip's first video frame to its first audio sample, by the streams' own
+    timestamps (negative: the audio starts first). Containers may start the two streams at
+    different times (e.g. video at 0.08 s, audio at 0); frame 0 and audio sample 0 are only
+    simultaneous once this is corrected. 0 when either stream is missing or has no timestamp."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-copyts", "-i", str(path),
+           "-map", "0:v:0", "-map", "0:a:0", "-vf", "showinfo", "-af", "ashowinfo",
+           "-frames:v", "1", "-frames:a", "1", "-f", "null", "-"]  # fmt: skip
+    stderr = subprocess.run(cmd, capture_output=True, check=False).stderr.decode(errors="replace")
+    starts = {audio == "a": float(seconds) for audio, seconds in reversed(_FIRST_PTS.findall(stderr))}
+    return starts[True] - starts[False] if len(starts) == 2 else 0.0
+
+
 def read_audio_track(path: str | Path) -> np.ndarray | None:
-    """The clip's first audio stream as 16 kHz mono float32, or None when it has none."""
+    """The clip's first audio stream as 16 kHz mono float32, or None when it has none. Sample 0
+    is the time of the first video frame (see `audio_delay`), so frame k meets audio at k / fps."""
     path = Path(path)
     if not path.is_file():
         raise VideoLoadError(f"Video file not found: {path}. Check the path.")
@@ -161,4 +182,8 @@ def read_audio_track(path: str | Path) -> np.ndarray | None:
         decoded = _ffmpeg_decode(path)
     except RuntimeError as exc:
         raise VideoLoadError(f"Could not decode the audio of {path} ({exc}): the file may be corrupt.") from exc
-    return None if decoded is None else load_audio(decoded, name=f"audio track of {path.name}")
+    if decoded is None:
+        return None
+    audio = load_audio(decoded, name=f"audio track of {path.name}")
+    shift = round(audio_delay(path) * SAMPLE_RATE)
+    return np.pad(audio, (shift, 0)) if shift > 0 else audio[-shift:]

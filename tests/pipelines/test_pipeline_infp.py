@@ -15,6 +15,7 @@ from pipeline_infp.processing import (
     FaceProcessor,
     NoFaceDetectedError,
     SilentAudioError,
+    mouth_aperture,
 )
 from tests.utils import tiny_random_pipeline
 
@@ -226,6 +227,26 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     assert centre == pytest.approx(-2 * 0.1 * iod / IMAGE_SIZE, rel=0.05)
     frames = pipe.render(portrait, latents)
     assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1
+
+
+def test_close_mouth_renders_the_same_motion_from_closed_lips(shared_data):
+    with FaceProcessor() as processor:
+        open_face = processor.crop_portrait(shared_data / "portraits" / "liveportrait-driving-d9.jpg", size=IMAGE_SIZE)
+    pipe = tiny_random_pipeline()
+    # A basis that spans a jaw closing, as one fitted on real motion does.
+    jaw = torch.zeros(1, 478, 3)
+    jaw[0, torch.from_numpy(open_face.landmarks[:, 1] > open_face.landmarks[14, 1] - 1), 1] = -0.5
+    pipe.motion_encoder.fit_landmark_basis(torch.cat([jaw, torch.randn(8, 478, 3) * 1e-3]))
+    assert pipe.encode_portrait(open_face).rest is None  # reenactment: the portrait as it is
+    portrait = pipe.encode_portrait(open_face, close_mouth=True)
+    geometry = pipe.motion_encoder.config.landmark_components
+    assert portrait.rest.shape == portrait.latent.shape and not portrait.rest[:, geometry:].any()
+    at_rest = pipe.motion_landmarks(open_face.landmarks, portrait.rest)[0]
+    assert mouth_aperture(at_rest) < 0.5 * mouth_aperture(open_face.landmarks)
+
+    closed, as_is = (run(pipe, open_face, speech(0.6), close_mouth=close) for close in (True, False))
+    torch.testing.assert_close(closed.motion_latents, as_is.motion_latents)  # same motion, rendered from rest
+    assert np.abs(closed.frames - as_is.frames).max() > 0.05
 
 
 def test_render_batches_and_threads_do_not_change_the_frames(pipe, face):

@@ -13,12 +13,14 @@ from pipeline_infp.processing import (
     ImageLoadError,
     INFPInputError,
     NoFaceDetectedError,
+    apply_landmark_offsets,
     apply_matrix,
     crop_matrix,
     eye_aperture,
     hybrid_representation,
     load_image,
     mouth_aperture,
+    mouth_closing_motion,
     paste_back,
     read_video,
 )
@@ -305,6 +307,27 @@ def test_apertures(processor, shared_data, crop):
     assert mouth_aperture(batch).shape == (3, 2)
     assert mouth_aperture(batch)[2, 0] == pytest.approx(mouth_aperture(open_mouth))
     assert isinstance(eye_aperture(closed), float)
+
+
+def test_mouth_closing_motion_is_the_least_motion_that_closes_the_lips(processor, shared_data, crop):
+    open_mouth = processor.crop_portrait(shared_data / "portraits" / "liveportrait-driving-d9.jpg").landmarks
+    iod = np.linalg.norm(open_mouth[33, :2] - open_mouth[263, :2])
+    lower_half = open_mouth[:, 1] > open_mouth[14, 1] - 0.05 * iod  # the lower lip and the chin
+    basis = np.zeros((3, 478, 3))
+    basis[0, lower_half, 1] = -0.1  # a jaw closing by 0.1 inter-ocular distances per unit
+    basis[1, [13, 82, 312], 1] = 0.05  # the upper inner lip coming down, half as far per unit
+    basis[2, [33, 263], 0] = 0.1  # the eyes: nothing to do with the mouth
+    coefficients = mouth_closing_motion(open_mouth, basis.reshape(3, -1), target=0.01)
+    closed = apply_landmark_offsets(open_mouth, np.einsum("k,knd->nd", coefficients, basis))
+    # From 0.47 to the target along each gap's direction; what is left is the lips' sideways offset.
+    assert mouth_aperture(open_mouth) > 0.4 and mouth_aperture(closed) < 0.03
+    gaps = closed[[13, 82, 312], :2] - closed[[14, 87, 317], :2]
+    assert np.abs(gaps[:, 1]).mean() / iod < 0.012
+    assert coefficients[2] == 0  # nothing spent elsewhere
+    assert coefficients[0] == pytest.approx(2 * coefficients[1], rel=0.01)  # least norm: along the gradient
+    # Lips that already meet need nothing; a basis that cannot move them gives nothing rather than a blow-up.
+    assert not mouth_closing_motion(crop.landmarks, basis.reshape(3, -1), target=0.05).any()
+    assert not mouth_closing_motion(open_mouth, basis[2:].reshape(1, -1)).any()
 
 
 # --------------------------------------------------------------------------- video tracking

@@ -77,6 +77,33 @@ def test_read_real_clip_and_its_audio(shared_data):
     assert read_audio_track(shared_data / "video" / "eamm-contempt.mp4") is None  # no audio stream
 
 
+@pytest.mark.parametrize("delayed", ["video", "audio"])
+def test_audio_is_aligned_to_the_first_video_frame(tmp_path, delayed):
+    import subprocess
+
+    import imageio_ffmpeg
+
+    rng = np.random.default_rng(0)
+    noise = (0.3 * rng.standard_normal(2 * SAMPLE_RATE)).astype(np.float32)
+    path = write_video(tmp_path / "synced.mp4", _numbered_frames(50), fps=25, audio=noise)
+    original = read_audio_track(path)
+    # Remux with one stream starting 0.2 s late, as some containers do (e.g. video at 0.08 s, audio at 0).
+    shifted = tmp_path / f"{delayed}-late.mkv"  # PCM audio: AAC's priming samples would move the start
+    late, early = ("0:v", "1:a") if delayed == "video" else ("1:v", "0:a")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-itsoffset", "0.2", "-i", str(path), "-i", str(path),
+           "-map", late, "-map", early, "-c:v", "copy", "-c:a", "pcm_s16le", str(shifted)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+
+    audio = read_audio_track(shifted)
+    offset = int(0.2 * SAMPLE_RATE)
+    if delayed == "video":  # frame 0 is shown at 0.2 s: the audio before it is dropped
+        assert len(audio) == pytest.approx(len(original) - offset, abs=50)
+        np.testing.assert_allclose(audio[:SAMPLE_RATE], original[offset : offset + SAMPLE_RATE], atol=1e-4)
+    else:  # the audio starts 0.2 s after frame 0: silence first
+        assert np.abs(audio[:offset]).max() == 0.0
+        np.testing.assert_allclose(audio[offset : offset + SAMPLE_RATE], original[:SAMPLE_RATE], atol=1e-4)
+
+
 def test_missing_and_corrupt_videos(tmp_path):
     with pytest.raises(VideoLoadError, match="not found"):
         read_video(tmp_path / "nope.mp4")
