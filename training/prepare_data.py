@@ -45,6 +45,7 @@ from pipeline_infp.processing import (
     INFPInputError,
     NoFaceDetectedError,
     apply_matrix,
+    audio_delay,
     load_audio,
     read_audio_track,
     voice_activity,
@@ -110,7 +111,9 @@ output (--out):
   clips/<id>/audio.wav             16 kHz mono PCM16, exactly timeline_frames x 640 samples (if any)
   clips/<id>/vad.npy               float32 [timeline_frames] voice activity 0/1 (if audio)
   clips/<id>/meta.json             id, kind, split, identity, real, source, source_fps, num_frames,
-                                   timeline_frames, dropped, has_audio, size, fps, note, shot_starts
+                                   timeline_frames, dropped, has_audio, audio_delay_s (how late the audio
+                                   stream starts after the first frame; audio.wav is already aligned),
+                                   size, fps, note, shot_starts
   portraits/<id>.jpg|.npy|.json    portrait crop, its landmarks [478, 3], its metadata
   audio/<id>.wav|.vad.npy|.json    16 kHz mono track, voice activity at 25 fps, metadata
   audio/<id>.rttm                  speaker turns (kind turns), copied as they are
@@ -437,6 +440,7 @@ def prepare_clip(item: Item, options: Options, processor: FaceProcessor) -> dict
         meta["audio_error"] = audio_error
     if audio is not None:
         meta["audio_seconds"] = round(len(audio) / SAMPLE_RATE, 3)
+        meta["audio_delay_s"] = round(audio_delay(item.path), 4)
         length = total * SAMPLES_PER_FRAME
         audio = np.pad(audio[:length], (0, max(0, length - len(audio))))
         _write_wav(tmp / "audio.wav", audio)

@@ -15,12 +15,15 @@ For every audio track of the dataset (`speech`, `dual-audio`, ...): `audio/<id>.
 
 Everything lands in `<data_dir>/motion/` (or `--out`), with `motion.json` recording which motion encoder made
 the latents: when the renderer changes (its motion encoder's weights differ), the latents are recomputed;
-Whisper features are kept. Re-runs skip finished clips, so an interrupted run resumes.
+Whisper features are kept. It also records a hash of each prepared clip's files: a clip prepared again
+(`prepare_data.py --overwrite`) gets both recomputed. Re-runs skip finished clips, so an interrupted run
+resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -99,6 +102,15 @@ def _save(path: Path, array: np.ndarray) -> None:
     partial.replace(path)
 
 
+def clip_hash(clip: PreparedClip) -> str:
+    """What the clip's latents and features are computed from: its metadata, meshes and audio."""
+    digest = hashlib.sha256()
+    for name in ("meta.json", "landmarks.npy", "audio.wav"):
+        if (clip.folder / name).is_file():
+            digest.update((clip.folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -120,13 +132,20 @@ def main(argv=None) -> dict:
         folder = out / "clips" / clip.id
         folder.mkdir(exist_ok=True)
         whisper_path = folder / "whisper.npy"
+        source = clip_hash(clip)
+        done = index["clips"].get(clip.id)
+        if done is not None and done.get("source") != source:  # prepared again since: nothing here is valid
+            whisper_path.unlink(missing_ok=True)
+            done = None
         if clip.has_audio and not whisper_path.is_file():
             _save(whisper_path, whisper_features(pipe, clip.audio(), clip.timeline_frames))
-        if clip.id in index["clips"] and (folder / "latents.npy").is_file():
+        if done is not None and (folder / "latents.npy").is_file():
             continue
         reference = reference_frame(clip)
         _save(folder / "latents.npy", clip_latents(pipe, clip, reference, args.batch_size))
-        index["clips"][clip.id] = {"kind": clip.kind, "split": clip.split, "reference_frame": reference}
+        index["clips"][clip.id] = {
+            "kind": clip.kind, "split": clip.split, "reference_frame": reference, "source": source,
+        }  # fmt: skip
         index_path.write_text(json.dumps(index, indent=1))  # after each clip: a resumed run skips it
 
     for track in tqdm(data.audio_tracks(), desc="audio tracks", unit="track"):

@@ -83,6 +83,7 @@ def test_clip_files(prepared, clip_id):
     n = meta["num_frames"]
     assert meta["timeline_frames"] == 50 and 45 <= n <= 50  # 2 s at 25 fps
     assert meta["dropped"] == 50 - n and meta["fps"] == 25 and meta["size"] == SIZE and meta["has_audio"]
+    assert meta["audio_delay_s"] == 0  # both streams of these clips start at 0 (dfrf-french's do not)
     for key in ("id", "kind", "split", "identity", "real", "source", "source_fps", "note"):
         assert key in meta
     frames = sorted((folder / "frames").iterdir())

@@ -66,3 +66,26 @@ def test_reruns_skip_finished_work_and_a_new_motion_encoder_recomputes_only_late
     assert json.loads((out / "motion.json").read_text())["motion_encoder"] == again["motion_encoder"]
     assert not np.allclose(np.load(latents_path), before)
     assert whisper_path.stat().st_mtime_ns == stamps[1]
+
+
+def test_a_clip_prepared_again_gets_new_features_and_latents(data_dir, prepared_motion, tmp_path):
+    import shutil
+
+    import soundfile as sf
+
+    _, out, _, _ = prepared_motion
+    data_copy, out_copy = tmp_path / "data", tmp_path / "motion"
+    shutil.copytree(data_dir, data_copy)
+    shutil.copytree(out, out_copy)
+    clip = PreparedDataset(data_copy).clips(kinds=["talking"])[0]
+    others = [c for c in sorted(json.loads((out_copy / "motion.json").read_text())["clips"]) if c != clip.id]
+    stamps = {c: (out_copy / "clips" / c / "latents.npy").stat().st_mtime_ns for c in others}
+    # As prepare_data.py --overwrite would after a fix: the same clip, its audio now starting later.
+    audio_path = clip.folder / "audio.wav"
+    audio, rate = sf.read(audio_path, dtype="float32")
+    sf.write(audio_path, np.roll(audio, rate // 10), rate, subtype="PCM_16")
+    whisper_before = np.load(out_copy / "clips" / clip.id / "whisper.npy")
+    checkpoint = json.loads((out_copy / "motion.json").read_text())["checkpoint"]  # the latents' own encoder
+    main(["--data_dir", str(data_copy), "--checkpoint", checkpoint, "--out", str(out_copy)])
+    assert not np.array_equal(np.load(out_copy / "clips" / clip.id / "whisper.npy"), whisper_before)
+    assert {c: (out_copy / "clips" / c / "latents.npy").stat().st_mtime_ns for c in others} == stamps
