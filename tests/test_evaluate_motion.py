@@ -108,5 +108,7 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert all(value == 0 for value in results["styles"]["neutral"].values())
     kinds = [item["kind"] for item in results["items"]]
     assert kinds == ["talking", "dual", "dual"]
+    # One talking clip: its own mouth correlation is the table's.
+    assert results["mouth_corr_per_clip"] == {VAL: pytest.approx(summary["generated"]["mouth_corr"], abs=1e-4)}
     for method in ("generated", "static", "random", "retrieval"):
         assert method in results["table"]
