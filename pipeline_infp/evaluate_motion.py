@@ -232,8 +232,7 @@ def run_motion(args: argparse.Namespace) -> dict:
                 results[method].append(value)
         summary = summarise(results, space, args)
         talking_items = [i for i in items if i["kind"] == "talking"]
-        generated_talking = [dict(r, **r["aligned"]) for r in results["generated"] if r["kind"] == "talking"]
-        generated_mouth = mouth_correlations(generated_talking, results["ground truth"])
+        generated_mouth = mouth_correlations(compared_talking("generated", results), results["ground truth"])
         styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
@@ -359,6 +358,12 @@ def _energy(features: np.ndarray) -> np.ndarray:
     return np.r_[0.0, np.linalg.norm(np.diff(features, axis=0), axis=1)]
 
 
+def compared_talking(method: str, results: dict) -> list[dict]:
+    """A method's talking-clip records on the ground truth's frames (the frames where the real clip has a face)."""
+    talking = [r for r in results[method] if r["kind"] == "talking"]
+    return talking if method == "ground truth" else [dict(r, **r["aligned"]) for r in talking]
+
+
 def mouth_correlations(records: list[dict], truth: list[dict]) -> list[float]:
     """Per talking clip: the mouth opening's correlation with the real one on the frames of its own speech."""
     return [pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5]) for r, t in zip(records, truth)]
@@ -376,12 +381,8 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
     fps = args.fps
     summary = {}
     for method, records in results.items():
-        talking = [r for r in records if r["kind"] == "talking"]
         dual = [r for r in records if r["kind"] == "dual"]
-        if method == "ground truth":
-            compared = talking
-        else:
-            compared = [dict(r, **r["aligned"]) for r in talking]
+        compared = compared_talking(method, results)
         frames = np.concatenate([r["features"] for r in compared])
         row = {
             "fd": frechet_distance(frames, truth_frames),
