@@ -10,6 +10,9 @@ For every clip of the chosen kinds (default: talking, dyadic-split, nonverbal):
     relative to a neutral face, as the portrait's is at inference;
   * `whisper.npy` float16 [timeline_frames, feature_dim]: the clip's own audio through the frozen Whisper
     encoder at 25 fps (clips without audio get none: their own track is silence).
+Each talking clip's audio-video offset (`av_sync.py`: a sync expert fitted on the other identities' clips), in
+`motion.json` as `av_offset` (frames; the sound of frame t lies at audio frame t + av_offset): train_motion.py reads
+the clip's own track that much later, so footage with late sound does not teach lips that run ahead of the voice.
 For every audio track of the dataset (`speech`, `dual-audio`, ...): `audio/<id>.whisper.npy` likewise, and
 `silence.whisper.npy`: 60 s of silence (features of silence depend on where they sit in Whisper's window).
 
@@ -35,6 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from av_sync import SyncClip, estimate_offsets  # noqa: E402
+
 from pipeline_infp import INFPPipeline  # noqa: E402
 from pipeline_infp.processing import apply_matrix, mouth_aperture  # noqa: E402
 from pipeline_infp.processing.face import crop_to_crop, warp_to_crop  # noqa: E402
@@ -42,6 +47,7 @@ from prepared import PreparedClip, PreparedDataset  # noqa: E402
 
 logger = logging.getLogger("prepare_motion")
 SILENCE_SECONDS = 60.0
+SPEAKING_KINDS = ("talking", "dyadic-split")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: <data_dir>/motion)")
     parser.add_argument("--kinds", nargs="+", default=["talking", "dyadic-split", "nonverbal"])
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--max_av_offset", type=int, default=6, help="largest audio-video offset searched, in frames (0: none)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -111,6 +120,32 @@ def clip_hash(clip: PreparedClip) -> str:
     return digest.hexdigest()[:16]
 
 
+def measure_av_offsets(clips: list[PreparedClip], out: Path, index: dict, max_offset: int) -> None:
+    """`av_offset` (frames) and the sync expert's correlations into each talking clip's index entry."""
+    talking = [c for c in clips if c.kind in SPEAKING_KINDS and (out / "clips" / c.id / "whisper.npy").is_file()]
+    sync_clips = [
+        SyncClip(c.id, c.identity, np.load(out / "clips" / c.id / "whisper.npy"), np.asarray(c.indices),
+                 mouth_aperture(np.asarray(c.landmarks)))
+        for c in talking
+    ]  # fmt: skip
+    results = estimate_offsets(sync_clips, max_offset) if max_offset > 0 else {}
+    for clip in clips:
+        entry = index["clips"][clip.id]
+        result = results.get(clip.id)
+        entry["av_offset"] = result.offset if result else 0
+        if result and result.curve:
+            entry["av_sync"] = {
+                "correlation": round(result.correlation, 3),
+                "at_zero": round(result.correlation_at_zero, 3),
+            }
+    shifted = {c: r for c, r in results.items() if r.offset}
+    logger.info(
+        "Audio-video offsets: %d of %d talking clips shifted%s", len(shifted), len(results),
+        "".join(f"\n  {c}: {r.offset:+d} frames (sync {r.correlation_at_zero:.2f} -> {r.correlation:.2f})"
+                for c, r in sorted(shifted.items())),
+    )  # fmt: skip
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -147,6 +182,9 @@ def main(argv=None) -> dict:
             "kind": clip.kind, "split": clip.split, "reference_frame": reference, "source": source,
         }  # fmt: skip
         index_path.write_text(json.dumps(index, indent=1))  # after each clip: a resumed run skips it
+
+    measure_av_offsets([c for c in clips if c.id in index["clips"]], out, index, args.max_av_offset)
+    index_path.write_text(json.dumps(index, indent=1))
 
     for track in tqdm(data.audio_tracks(), desc="audio tracks", unit="track"):
         path = out / "audio" / f"{track.id}.whisper.npy"

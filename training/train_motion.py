@@ -194,6 +194,13 @@ class MotionData:
     def whisper(self, clip: PreparedClip) -> np.ndarray:
         return np.load(self.motion_dir / "clips" / clip.id / "whisper.npy", mmap_mode="r")
 
+    def own_track(self, clip: PreparedClip, timeline: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The clip's own (Whisper features, voice activity) for timeline frames `timeline`, read `av_offset`
+        frames later where prepare_motion.py found the clip's sound late (clamped to the track's ends)."""
+        features = self.whisper(clip)
+        audio_frames = np.clip(timeline + self.index[clip.id].get("av_offset", 0), 0, len(features) - 1)
+        return np.array(features[audio_frames], dtype=np.float32), np.asarray(clip.vad, np.float32)[audio_frames]
+
     def speech_features(self, track) -> np.ndarray:
         return np.load(self.motion_dir / "audio" / f"{track.id}.whisper.npy", mmap_mode="r")
 
@@ -292,8 +299,7 @@ class MotionWindowDataset(Dataset):
         timeline = np.asarray(clip.indices)[positions[self.num_prev :]]
 
         if clip in self.motion.speaking:
-            own = np.array(self.motion.whisper(clip)[timeline], dtype=np.float32)
-            own_vad = np.asarray(clip.vad, dtype=np.float32)[timeline]
+            own, own_vad = self.motion.own_track(clip, timeline)
             partner, partner_vad = self.silence(rng)
             if not warmup and self.motion.speech and rng.random() < self.args.partner_turn_prob:
                 overlap = rng.random() < self.args.overlap_prob

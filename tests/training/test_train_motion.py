@@ -77,6 +77,23 @@ def test_windows_are_one_sided_during_warmup_and_take_turns_after(data_dir, moti
         assert torch.all(window["partner_vad"] * window["own_vad"] == 0)
 
 
+def test_the_own_track_is_read_later_by_a_clips_audio_video_offset(data_dir, motion_setup):
+    motion = MotionData(PreparedDataset(data_dir), motion_setup / "motion", ["talking"], ["nonverbal"], 16)
+    clip = motion.speaking[0]
+    features, vad = np.asarray(motion.whisper(clip), np.float32), np.asarray(clip.vad, np.float32)
+    timeline = np.asarray(clip.indices)[:12]
+    assert isinstance(motion.index[clip.id]["av_offset"], int)  # measured by prepare_motion.py
+    motion.index[clip.id]["av_offset"] = 0
+    own, own_vad = motion.own_track(clip, timeline)
+    np.testing.assert_array_equal(own, features[timeline])
+    motion.index[clip.id]["av_offset"] = 3  # the sound runs 3 frames late
+    own, own_vad = motion.own_track(clip, timeline)
+    np.testing.assert_array_equal(own, features[timeline + 3])
+    np.testing.assert_array_equal(own_vad, vad[timeline + 3])
+    end = np.array([len(features) - 2, len(features) - 1])
+    np.testing.assert_array_equal(motion.own_track(clip, end)[0], features[[-1, -1]])  # clamped at the track's end
+
+
 def test_expression_offsets_measure_each_emotion_against_the_same_persons_neutral_face():
     rng = np.random.default_rng(0)
     neutral = rng.normal(100.0, 30.0, (478, 3))
