@@ -53,17 +53,17 @@ def _standardised(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / max(float(values.std()), 1e-8)
 
 
-def _design(clip: SyncClip, projection: np.ndarray, mean: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, standardised mouth) of the frames whose shifted audio lies inside the track."""
+def _design(clip: SyncClip, reduced: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, standardised mouth) of the frames whose shifted audio lies inside the track; `reduced` is the
+    clip's features after the PCA projection."""
     positions = clip.indices + shift
-    valid = (positions >= 0) & (positions < len(clip.features))
-    reduced = (np.asarray(clip.features, dtype=np.float64) - mean) @ projection
+    valid = (positions >= 0) & (positions < len(reduced))
     return _stacked(reduced, positions[valid]), _standardised(clip.mouth[valid])
 
 
-def _fit(clips: list[SyncClip], shifts: dict[str, int], projection, mean) -> np.ndarray:
+def _fit(clips: list[SyncClip], reduced: dict[str, np.ndarray], shifts: dict[str, int]) -> np.ndarray:
     """Ridge weights (last entry: bias) from the clips at their current shifts."""
-    inputs, targets = zip(*(_design(c, projection, mean, shifts.get(c.id, 0)) for c in clips))
+    inputs, targets = zip(*(_design(c, reduced[c.id], shifts.get(c.id, 0)) for c in clips))
     x, y = np.concatenate(inputs), np.concatenate(targets)
     x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
     penalty = RIDGE * len(x) / 1000 * np.eye(x.shape[1])
@@ -71,10 +71,10 @@ def _fit(clips: list[SyncClip], shifts: dict[str, int], projection, mean) -> np.
     return np.linalg.solve(x.T @ x + penalty, x.T @ y)
 
 
-def _curve(clip: SyncClip, weights, projection, mean, max_offset: int) -> list[float]:
+def _curve(clip: SyncClip, reduced: np.ndarray, weights: np.ndarray, max_offset: int) -> list[float]:
     curve = []
     for shift in range(-max_offset, max_offset + 1):
-        x, y = _design(clip, projection, mean, shift)
+        x, y = _design(clip, reduced, shift)
         prediction = np.concatenate([x, np.ones((len(x), 1))], axis=1) @ weights
         curve.append(float(np.corrcoef(prediction, y)[0, 1]) if len(y) > 2 and prediction.std() > 0 else 0.0)
     return curve
@@ -83,21 +83,23 @@ def _curve(clip: SyncClip, weights, projection, mean, max_offset: int) -> list[f
 def estimate_offsets(
     clips: list[SyncClip], max_offset: int = 6, min_correlation: float = 0.3, min_gain: float = 0.05, rounds: int = 2
 ) -> dict[str, SyncResult]:
-    """Each clip's audio-video offset (see the module docstring). A shift is kept when its correlation reaches
-    `min_correlation` and beats no shift by `min_gain`; otherwise the clip keeps offset 0. Clips whose identity
-    is the only one get offset 0 (there is no other identity to fit an expert on)."""
+    """Each clip's audio-video offset (see the module docstring). A shift is kept when it is a peak inside the
+    searched range, its correlation reaches `min_correlation` and it beats no shift by `min_gain`; otherwise the
+    clip keeps offset 0. Clips whose identity is the only one get offset 0 (there is no other identity to fit an
+    expert on)."""
     if not clips:
         return {}
     frames = np.concatenate([np.asarray(c.features, dtype=np.float64)[c.indices] for c in clips])
     mean = frames.mean(axis=0)
     _, _, vt = np.linalg.svd(frames[:: max(1, len(frames) // 20000)] - mean, full_matrices=False)
     projection = vt[:COMPONENTS].T
+    reduced = {c.id: (np.asarray(c.features, dtype=np.float64) - mean) @ projection for c in clips}
     identities = sorted({c.identity for c in clips})
     shifts: dict[str, int] = {}
     results: dict[str, SyncResult] = {}
     for _ in range(rounds):
         weights = {
-            identity: _fit([c for c in clips if c.identity != identity], shifts, projection, mean)
+            identity: _fit([c for c in clips if c.identity != identity], reduced, shifts)
             for identity in identities
             if len(identities) > 1
         }
@@ -106,7 +108,7 @@ def estimate_offsets(
             if clip.identity not in weights:
                 results[clip.id] = SyncResult(0, float("nan"), float("nan"), [])
                 continue
-            curve = _curve(clip, weights[clip.identity], projection, mean, max_offset)
+            curve = _curve(clip, reduced[clip.id], weights[clip.identity], max_offset)
             best = int(np.argmax(curve))
             at_zero = curve[max_offset]
             # A best shift at the edge of the search is no peak: the curve may still rise beyond, or be flat.

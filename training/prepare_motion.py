@@ -12,7 +12,7 @@ For every clip of the chosen kinds (default: talking, dyadic-split, nonverbal):
     encoder at 25 fps (clips without audio get none: their own track is silence).
 Each talking clip's audio-video offset (`av_sync.py`: a sync expert fitted on the other identities' clips), in
 `motion.json` as `av_offset` (frames; the sound of frame t lies at audio frame t + av_offset): train_motion.py reads
-the clip's own track that much later, so footage with late sound does not teach lips that run ahead of the voice.
+the clip's own track shifted by it, so off-sync footage does not teach lips that run ahead of or behind the voice.
 For every audio track of the dataset (`speech`, `dual-audio`, ...): `audio/<id>.whisper.npy` likewise, and
 `silence.whisper.npy`: 60 s of silence (features of silence depend on where they sit in Whisper's window).
 
@@ -133,6 +133,7 @@ def measure_av_offsets(clips: list[PreparedClip], out: Path, index: dict, max_of
         entry = index["clips"][clip.id]
         result = results.get(clip.id)
         entry["av_offset"] = result.offset if result else 0
+        entry.pop("av_sync", None)  # a run with --max_av_offset 0 leaves no earlier run's figures behind
         if result and result.curve:
             entry["av_sync"] = {
                 "correlation": round(result.correlation, 3),

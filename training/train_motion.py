@@ -195,8 +195,9 @@ class MotionData:
         return np.load(self.motion_dir / "clips" / clip.id / "whisper.npy", mmap_mode="r")
 
     def own_track(self, clip: PreparedClip, timeline: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The clip's own (Whisper features, voice activity) for timeline frames `timeline`, read `av_offset`
-        frames later where prepare_motion.py found the clip's sound late (clamped to the track's ends)."""
+        """The clip's own (Whisper features, voice activity) for timeline frames `timeline`, shifted by
+        the clip's `av_offset` from prepare_motion.py (later where its sound runs late, earlier where it runs early;
+        clamped to the track's ends)."""
         features = self.whisper(clip)
         audio_frames = np.clip(timeline + self.index[clip.id].get("av_offset", 0), 0, len(features) - 1)
         return np.array(features[audio_frames], dtype=np.float32), np.asarray(clip.vad, np.float32)[audio_frames]
