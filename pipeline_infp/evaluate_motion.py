@@ -14,7 +14,8 @@ pose-free expression PCA, fitted on the training clips and saved as `<checkpoint
 mouth and eye apertures. Reported (DIM/ELP definitions where they exist): FD and paired FD (motion ‖ own-track
 MFCC) against the ground-truth frames, SID (k-means entropy, k = 40 on expression, 20 on pose, fitted on the
 ground truth), temporal variance, rPCC (|PCC(motion energy, speech energy) − the same for the ground truth|),
-MSE against the ground truth, mouth-aperture correlation with the ground truth on speech, the closed-mouth
+MSE against the ground truth, mouth-aperture correlation with the ground truth on speech (at lag 0, and the best
+over lags up to --sync-search frames for footage whose sound is off), the closed-mouth
 fraction where only the partner speaks (closed in absolute terms, and opened no further than the portrait's own
 mouth), speaking/listening state accuracy against voice activity, blinks per
 minute, and the motion change at window boundaries relative to inside windows. `--sweep` adds a table over
@@ -233,6 +234,9 @@ def run_motion(args: argparse.Namespace) -> dict:
         summary = summarise(results, space, args)
         talking_items = [i for i in items if i["kind"] == "talking"]
         generated_mouth = mouth_correlations(compared_talking("generated", results), results["ground truth"])
+        searched_mouth = mouth_correlations(
+            compared_talking("generated", results), results["ground truth"], args.sync_search
+        )
         styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
@@ -262,7 +266,10 @@ def run_motion(args: argparse.Namespace) -> dict:
         "styles": styles,
         "table": table,
         "items": [{k: v for k, v in i.items() if k in ("id", "kind")} for i in items],
-        "mouth_corr_per_clip": dict(zip([i["id"] for i in talking_items], generated_mouth)),
+        "mouth_corr_per_clip": {i["id"]: c for i, (c, _) in zip(talking_items, generated_mouth)},
+        "mouth_corr_lag_searched_per_clip": {
+            i["id"]: {"corr": c, "lag": lag} for i, (c, lag) in zip(talking_items, searched_mouth)
+        },
     }
     out = _round(out)
     if args.json:
@@ -364,9 +371,20 @@ def compared_talking(method: str, results: dict) -> list[dict]:
     return talking if method == "ground truth" else [dict(r, **r["aligned"]) for r in talking]
 
 
-def mouth_correlations(records: list[dict], truth: list[dict]) -> list[float]:
-    """Per talking clip: the mouth opening's correlation with the real one on the frames of its own speech."""
-    return [pearson(r["mouth"][t["own_vad"] > 0.5], t["mouth"][t["own_vad"] > 0.5]) for r, t in zip(records, truth)]
+def mouth_correlations(records: list[dict], truth: list[dict], max_lag: int = 0) -> list[tuple[float, int]]:
+    """Per talking clip: the mouth opening's correlation with the real one on the frames of its own speech, and
+    the lag (real frame − generated frame) where it was taken. With `max_lag` the best over lags up to that many
+    frames either way, as SyncNet's offset search does: some real clips' sound and picture are a few frames apart
+    (training/av_sync.py measures them), and a lag-0 figure blames the method for the footage."""
+    correlations = []
+    for r, t in zip(records, truth):
+        speech, n, candidates = t["own_vad"] > 0.5, len(r["mouth"]), []
+        for lag in range(-max_lag, max_lag + 1):
+            generated, real = slice(max(0, -lag), n - max(0, lag)), slice(max(0, lag), n + min(0, lag))
+            keep = speech[generated]  # the frames where the audio that drove the generated frame is speech
+            candidates.append((pearson(r["mouth"][generated][keep], t["mouth"][real][keep]), lag))
+        correlations.append(max(candidates, key=lambda c: (c[0], -abs(c[1]))))
+    return correlations
 
 
 def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
@@ -406,7 +424,10 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
                 )
             ),  # fmt: skip
             "mse": float(np.mean([np.mean((r["features"] - t["features"]) ** 2) for r, t in zip(compared, truth)])),
-            "mouth_corr": float(np.mean(mouth_correlations(compared, truth))),
+            "mouth_corr": float(np.mean([c for c, _ in mouth_correlations(compared, truth)])),
+            "mouth_corr_lag_searched": float(
+                np.mean([c for c, _ in mouth_correlations(compared, truth, args.sync_search)])
+            ),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
         # Closed: an inner-lip gap under 0.05 inter-ocular distances; "rest": opened by less than that beyond the
@@ -495,6 +516,7 @@ COLUMNS = [
     ("FD ↓", "fd", "{:.2f}"), ("P-FD ↓", "paired_fd", "{:.2f}"), ("SID exp", "sid_expression", "{:.2f}"),
     ("SID pose", "sid_pose", "{:.2f}"), ("Var", "variance", "{:.3f}"), ("rPCC ↓", "rpcc", "{:.3f}"),
     ("MSE ↓", "mse", "{:.3f}"), ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
+    ("mouth corr, lag searched ↑", "mouth_corr_lag_searched", "{:+.3f}"),
     ("closed mouth listening ↑", "closed_mouth_listening", "{:.1%}"),
     ("rest mouth listening ↑", "rest_mouth_listening", "{:.1%}"), ("state acc ↑", "state_accuracy", "{:.1%}"),
     ("blinks/min", "blinks_per_min", "{:.1f}"), ("boundary/inside", "boundary_ratio", "{:.2f}"),
@@ -540,6 +562,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
+    sub.add_argument("--sync-search", type=int, default=5,
+                     help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
     sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])

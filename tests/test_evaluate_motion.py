@@ -9,7 +9,7 @@ import torch
 
 from pipeline_infp import build_pipeline
 from pipeline_infp.evaluate import main
-from pipeline_infp.evaluate_motion import boundary_ratio, expression_measures, retrieve
+from pipeline_infp.evaluate_motion import boundary_ratio, expression_measures, mouth_correlations, retrieve
 
 VAL, TRAIN, PORTRAIT = "video-retalkin-4", "styletalk-feifeili-clip1", "liveportrait-source-s1"
 PAIR = ("infinitetalk-pair-man", "infinitetalk-pair-woman")
@@ -45,6 +45,24 @@ def test_expression_measures_see_a_smile_and_raised_brows():
     assert expression_measures(smile)["corner_lift"] - neutral["corner_lift"] == pytest.approx(0.1)
     assert expression_measures(surprise)["brow_raise"] - neutral["brow_raise"] == pytest.approx(0.2)
     assert expression_measures(smile)["brow_raise"] == neutral["brow_raise"]
+
+
+def test_lag_searched_mouth_correlation_forgives_footage_with_late_sound():
+    rng = np.random.default_rng(0)
+    speech = np.convolve(rng.random(203), np.ones(4) / 4, mode="same")  # a mouth following 203 frames of sound
+    vad = np.ones(200)
+    vad[80:100] = 0.0  # a pause: its frames are not compared
+    # Sound 3 frames late (like the Obama clips): the audio at frame t is what the face said at frame t - 3, so a
+    # generated frame moves with the real mouth 3 frames before it.
+    generated = {"mouth": speech[:200]}
+    truth = {"mouth": speech[3:], "own_vad": vad}
+    [(at_zero, zero)] = mouth_correlations([generated], [truth])
+    [(searched, lag)] = mouth_correlations([generated], [truth], max_lag=5)
+    assert zero == 0 and at_zero < 0.5
+    assert lag == -3 and searched == pytest.approx(1.0)
+    assert mouth_correlations([generated], [truth], max_lag=2)[0][0] < searched
+    # A mouth that does not move gives 0 at every lag, and the lag nearest 0 is named.
+    assert mouth_correlations([{"mouth": np.zeros(200)}], [truth], max_lag=5) == [(0.0, 0)]
 
 
 def test_retrieval_takes_the_second_with_the_nearest_audio():
@@ -110,5 +128,9 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert kinds == ["talking", "dual", "dual"]
     # One talking clip: its own mouth correlation is the table's.
     assert results["mouth_corr_per_clip"] == {VAL: pytest.approx(summary["generated"]["mouth_corr"], abs=1e-4)}
+    searched = results["mouth_corr_lag_searched_per_clip"][VAL]
+    assert searched["corr"] == pytest.approx(summary["generated"]["mouth_corr_lag_searched"], abs=1e-4)
+    assert searched["corr"] >= summary["generated"]["mouth_corr"] - 1e-4 and abs(searched["lag"]) <= 5
+    assert summary["ground truth"]["mouth_corr_lag_searched"] == pytest.approx(1.0)
     for method in ("generated", "static", "random", "retrieval"):
         assert method in results["table"]
