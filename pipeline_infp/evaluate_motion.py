@@ -231,12 +231,8 @@ def run_motion(args: argparse.Namespace) -> dict:
             results_for_item = evaluate_item(pipe, item, bank, read, space, args, rng, window)
             for method, value in results_for_item.items():
                 results[method].append(value)
-        summary = summarise(results, space, args)
+        summary, lip_sync = summarise(results, space, args)
         talking_items = [i for i in items if i["kind"] == "talking"]
-        generated_mouth = mouth_correlations(compared_talking("generated", results), results["ground truth"])
-        searched_mouth = mouth_correlations(
-            compared_talking("generated", results), results["ground truth"], args.sync_search
-        )
         styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
@@ -266,9 +262,9 @@ def run_motion(args: argparse.Namespace) -> dict:
         "styles": styles,
         "table": table,
         "items": [{k: v for k, v in i.items() if k in ("id", "kind")} for i in items],
-        "mouth_corr_per_clip": {i["id"]: c for i, (c, _) in zip(talking_items, generated_mouth)},
+        "mouth_corr_per_clip": {i["id"]: c for i, (c, _) in zip(talking_items, lip_sync["generated"]["lag 0"])},
         "mouth_corr_lag_searched_per_clip": {
-            i["id"]: {"corr": c, "lag": lag} for i, (c, lag) in zip(talking_items, searched_mouth)
+            i["id"]: {"corr": c, "lag": lag} for i, (c, lag) in zip(talking_items, lip_sync["generated"]["searched"])
         },
     }
     out = _round(out)
@@ -387,7 +383,9 @@ def mouth_correlations(records: list[dict], truth: list[dict], max_lag: int = 0)
     return correlations
 
 
-def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
+def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dict]:
+    """The table's row per method, and per method the per-clip lip sync behind its two mouth columns
+    (`{"lag 0": [(corr, 0)], "searched": [(corr, lag)]}`, in talking-clip order)."""
     from sklearn.cluster import KMeans
 
     truth = results["ground truth"]
@@ -397,10 +395,14 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
     expression = KMeans(n_clusters=min(40, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, 6:])
     pose = KMeans(n_clusters=min(20, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, :6])
     fps = args.fps
-    summary = {}
+    summary, lip_sync = {}, {}
     for method, records in results.items():
         dual = [r for r in records if r["kind"] == "dual"]
         compared = compared_talking(method, results)
+        lip_sync[method] = {
+            "lag 0": mouth_correlations(compared, truth),
+            "searched": mouth_correlations(compared, truth, args.sync_search),
+        }
         frames = np.concatenate([r["features"] for r in compared])
         row = {
             "fd": frechet_distance(frames, truth_frames),
@@ -424,10 +426,8 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
                 )
             ),  # fmt: skip
             "mse": float(np.mean([np.mean((r["features"] - t["features"]) ** 2) for r, t in zip(compared, truth)])),
-            "mouth_corr": float(np.mean([c for c, _ in mouth_correlations(compared, truth)])),
-            "mouth_corr_lag_searched": float(
-                np.mean([c for c, _ in mouth_correlations(compared, truth, args.sync_search)])
-            ),
+            "mouth_corr": float(np.mean([c for c, _ in lip_sync[method]["lag 0"]])),
+            "mouth_corr_lag_searched": float(np.mean([c for c, _ in lip_sync[method]["searched"]])),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
         # Closed: an inner-lip gap under 0.05 inter-ocular distances; "rest": opened by less than that beyond the
@@ -449,7 +449,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> dict:
         if method == "generated":
             row["boundary_ratio"] = float(np.nanmean([r["boundary"] for r in records]))
         summary[method] = row
-    return summary
+    return summary, lip_sync
 
 
 def run_sweep(pipe, items, read, space, args) -> list[dict]:
@@ -463,11 +463,14 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
             frames, _ = generate(pipe, face, item["audio"], None, steps, guidance, args)
             landmarks, _ = read(frames)
             keep = item["indices"][item["indices"] < len(frames)]
-            vad = voice_activity(item["audio"], len(frames), fps=pipe.fps) > 0.5
+            vad = voice_activity(item["audio"], len(frames), fps=pipe.fps)
             mouth, truth_mouth = mouth_aperture(landmarks), mouth_aperture(item["landmarks"][: len(keep)])
             features.append(space.transform(landmarks)[keep])
-            mouth_corr.append(pearson(mouth[keep][vad[keep]], truth_mouth[vad[keep]]))
-            accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == vad))
+            [(correlation, _)] = mouth_correlations(
+                [{"mouth": mouth[keep]}], [{"mouth": truth_mouth, "own_vad": vad[keep]}]
+            )
+            mouth_corr.append(correlation)
+            accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == (vad > 0.5)))
         fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
         rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
                      "state_accuracy": float(np.mean(accuracy))})  # fmt: skip

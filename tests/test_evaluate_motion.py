@@ -104,7 +104,7 @@ def evaluation(shared_data, tmp_path_factory):
     out = tmp / "motion.json"
     returned = main(["motion", "--manifest", str(tmp / "manifest.csv"), "--checkpoint", str(tmp / "pipe"),
                      "--json", str(out), "--max-seconds", "2.5", "--steps", "2", "--no-progress", "--styles",
-                     "--sweep-items", "1"])  # fmt: skip
+                     "--sweep-items", "1", "--sweep", "--sweep-steps", "2", "--sweep-guidance", "2.5"])  # fmt: skip
     return returned, json.loads(out.read_text()), tmp
 
 
@@ -132,5 +132,10 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert searched["corr"] == pytest.approx(summary["generated"]["mouth_corr_lag_searched"], abs=1e-4)
     assert searched["corr"] >= summary["generated"]["mouth_corr"] - 1e-4 and abs(searched["lag"]) <= 5
     assert summary["ground truth"]["mouth_corr_lag_searched"] == pytest.approx(1.0)
+    # The sweep's one setting is the table's (same steps, guidance and seed): the same video, the same figures.
+    [row] = results["sweep"]
+    assert (row["steps"], row["guidance_scale"]) == (2, 2.5)
+    assert row["fd"] == pytest.approx(summary["generated"]["fd"], abs=1e-3)
+    assert row["mouth_corr"] == pytest.approx(summary["generated"]["mouth_corr"], abs=1e-4)
     for method in ("generated", "static", "random", "retrieval"):
         assert method in results["table"]
