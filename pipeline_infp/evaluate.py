@@ -764,9 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     sub.set_defaults(handler=run_reenactment)
 
-    from pipeline_infp.evaluate_motion import add_parser
+    from pipeline_infp import evaluate_motion, evaluate_screen
 
-    add_parser(commands)
+    evaluate_motion.add_parser(commands)
+    evaluate_screen.add_parser(commands)
     return parser
 
 

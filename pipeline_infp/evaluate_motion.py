@@ -205,26 +205,7 @@ def run_motion(args: argparse.Namespace) -> dict:
             space.save(features_path)
         bank = motion_bank(pipe, train, fps)
         val = track_items(entries, processor, args, "val")
-        items = [dict(item, kind="talking") for item in val]
-        portraits = [e for e in entries if e.kind == "portrait"]
-        conversations: dict[str, list] = {}
-        for entry in entries:
-            if entry.kind == "dual-audio":
-                conversations.setdefault(entry.identity, []).append(entry)
-        limit = round(args.max_seconds * SAMPLE_RATE)
-        pairs = [sorted(p, key=lambda e: e.id) for p in conversations.values() if len(p) == 2]
-        for n, (own, other) in enumerate(side for a, b in pairs for side in ((a, b), (b, a))):
-            if not portraits:
-                break
-            portrait = portraits[n % len(portraits)]
-            try:
-                crop = processor.crop_portrait(portrait.path, size=args.size)
-            except INFPInputError as error:
-                logger.warning("Skipping portrait %s: %s", portrait.id, error)
-                continue
-            own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
-            items.append({"id": f"{own.id} (partner {other.id})", "kind": "dual", "portrait": crop,
-                          "audio": own_audio, "partner": partner_audio})  # fmt: skip
+        items = [dict(item, kind="talking") for item in val] + conversation_items(entries, processor, args)
 
         results = {m: [] for m in ("ground truth", *METHODS)}
         for item in tqdm(items, desc="items", unit="item", disable=not args.progress):
@@ -294,6 +275,34 @@ def _uint8(frames) -> np.ndarray:
     return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def conversation_items(entries, processor, args) -> list[dict]:
+    """Every `dual-audio` pair, each side in turn as the own voice with the other as the partner's, capped at
+    --max-seconds; portraits of the manifest in turn (a pair is left out when the manifest has none)."""
+    portraits = [e for e in entries if e.kind == "portrait"]
+    conversations: dict[str, list] = {}
+    for entry in entries:
+        if entry.kind == "dual-audio":
+            conversations.setdefault(entry.identity, []).append(entry)
+    limit = round(args.max_seconds * SAMPLE_RATE)
+    pairs = [sorted(p, key=lambda e: e.id) for p in conversations.values() if len(p) == 2]
+    items = []
+    for n, (own, other) in enumerate(side for a, b in pairs for side in ((a, b), (b, a))):
+        if not portraits:
+            break
+        portrait = portraits[n % len(portraits)]
+        try:
+            crop = processor.crop_portrait(portrait.path, size=args.size)
+        except INFPInputError as error:
+            logger.warning("Skipping portrait %s: %s", portrait.id, error)
+            continue
+        own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
+        length = max(len(own_audio), len(partner_audio))
+        items.append({"id": f"{own.id} (partner {other.id})", "kind": "dual", "portrait": crop,
+                      "audio": np.pad(own_audio, (0, length - len(own_audio))),
+                      "partner": np.pad(partner_audio, (0, length - len(partner_audio)))})  # fmt: skip
+    return items
+
+
 def first_frame_face(item: dict) -> FaceCrop:
     """A talking clip's first crop as the portrait (its crop frame is the one every frame was cut with)."""
     return FaceCrop(item["crops"][0], item["landmarks"][0], IDENTITY, item["crops"][0])
@@ -315,8 +324,6 @@ def evaluate_item(pipe, item, bank, read, space, args, rng, window) -> dict:
         own, partner = item["audio"], np.zeros_like(item["audio"])
     else:
         face, own, partner = item["portrait"], item["audio"], item["partner"]
-        length = max(len(own), len(partner))
-        own, partner = np.pad(own, (0, length - len(own))), np.pad(partner, (0, length - len(partner)))
     frames, latents = generate(pipe, face, own, partner, args.steps, args.guidance_scale, args)
     num_frames = len(frames)
     audio_series = {

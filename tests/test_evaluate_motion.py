@@ -2,17 +2,21 @@
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline_infp import build_pipeline
+from pipeline_infp import INFPPipeline, build_pipeline
 from pipeline_infp.evaluate import main
 from pipeline_infp.evaluate_motion import boundary_ratio, expression_measures, mouth_correlations, retrieve
+from pipeline_infp.evaluate_screen import driven_mouth
+from pipeline_infp.processing import FaceProcessor, mouth_aperture
 
 VAL, TRAIN, PORTRAIT = "video-retalkin-4", "styletalk-feifeili-clip1", "liveportrait-source-s1"
 PAIR = ("infinitetalk-pair-man", "infinitetalk-pair-woman")
+PORTRAIT_PATH = f"portraits/{PORTRAIT}.jpg"
 
 
 def test_boundary_ratio_sees_jumps_between_windows():
@@ -139,3 +143,30 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert row["mouth_corr"] == pytest.approx(summary["generated"]["mouth_corr"], abs=1e-4)
     for method in ("generated", "static", "random", "retrieval"):
         assert method in results["table"]
+
+
+def test_the_screen_measures_the_meshes_the_renderer_is_driven_to(evaluation, shared_data):
+    _, results, tmp = evaluation
+    pipe = INFPPipeline.from_pretrained(tmp / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    args = SimpleNamespace(steps=2, guidance_scale=2.5, seed=0, window_overlap=None, close_mouth=True)
+    with FaceProcessor() as processor:
+        face = processor.crop_portrait(shared_data / PORTRAIT_PATH, size=256)
+    own = np.sin(np.arange(40000) / 7.0).astype(np.float32) * 0.3
+    driven = []
+    original = pipe.prior_flows
+    pipe.prior_flows = lambda portrait, meshes, pool=None: (driven.append(meshes), original(portrait, meshes, pool))[1]
+    pipe(face, own, np.zeros_like(own), num_inference_steps=2, guidance_scale=2.5, output_type="np",
+         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    mouth, rest = driven_mouth(pipe, face, own, np.zeros_like(own), args)
+    np.testing.assert_allclose(mouth, mouth_aperture(np.concatenate(driven)), atol=1e-5)
+
+    out = tmp / "screen.json"
+    screen = main(["motion-screen", "--manifest", str(tmp / "manifest.csv"), "--checkpoint", str(tmp / "pipe"),
+                   "--json", str(out), "--max-seconds", "2.5", "--steps", "2", "--no-progress"])  # fmt: skip
+    assert json.loads(out.read_text()) == screen
+    assert [(r["id"], r["kind"]) for r in screen["items"]] == [(i["id"], i["kind"]) for i in results["items"]]
+    summary = screen["summary"]
+    assert -1 <= summary["mouth_corr"] <= summary["mouth_corr_lag_searched"] + 1e-4 <= 1 + 1e-4
+    # Closed is the stricter test: a rest mesh has an inner-lip gap of at least zero.
+    assert 0 <= summary["closed_mouth_listening"] <= summary["rest_mouth_listening"] <= 1

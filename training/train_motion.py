@@ -29,7 +29,8 @@ clips with their offsets.
         --output_dir runs/motion --config cpu
     accelerate launch --multi_gpu --num_processes 8 training/train_motion.py ... --config gpu
 
-Fine-tune released weights with `--init_from checkpoints/infp-base`; resume with `--resume_from_checkpoint latest`.
+Fine-tune released weights with `--init_from checkpoints/infp-base` (only chosen layers with `--trainable`);
+resume with `--resume_from_checkpoint latest`.
 The result is a complete pipeline folder (`<output_dir>/pipeline`, or `--export_to`): the renderer of
 `--renderer`, the trained motion model and style presets computed by the style encoder from the MEAD emotion
 clips (`--style_clips`). Validation videos are rendered through the full pipeline into `<output_dir>/validation/`.
@@ -127,6 +128,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         help="with --init_from: learning rate of the layers the folder lacks (default --learning_rate), so that new "
         "layers can learn fast while a low --learning_rate keeps what the trained ones know",
+    )
+    parser.add_argument(
+        "--trainable",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only the parameters whose names start with one of these (e.g. motion_guider.verbal_ "
+        "motion_guider.own_audio_proj), the rest frozen; layers --init_from's folder lacks are trained too",
     )
     parser.add_argument("--weight_decay", type=float, default=1e-2)
     parser.add_argument("--style_drop_prob", type=float, default=0.3)
@@ -408,6 +416,20 @@ def init_from_pipeline(model: "MotionModel", folder: str) -> list[str]:
     return new
 
 
+def freeze_all_but(model: "MotionModel", prefixes: list[str], also: list[str]) -> list[str]:
+    """Leave gradients only to the parameters named by `prefixes` (and `also`); returns the trainable names.
+    A prefix that names nothing is an error listing the modules there are, since a typo would train nothing."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            modules = sorted({".".join(name.split(".")[:2]) for name in names})
+            raise ValueError(f"--trainable {prefix}: no parameter has that prefix; there are {', '.join(modules)}")
+    trainable = [name for name in names if name in also or any(name.startswith(p) for p in prefixes)]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    return trainable
+
+
 def build_motion_model(args, renderer: INFPPipeline) -> dict:
     latent_dim = renderer.motion_encoder.config.latent_dim
     feature_dim = renderer.audio_encoder.feature_dim
@@ -493,6 +515,9 @@ def main(argv=None):
     renderer.set_progress_bar_config(disable=True)
     model = MotionModel(build_motion_model(args, renderer))
     new_layers = init_from_pipeline(model, args.init_from) if args.init_from else []
+    if args.trainable:
+        trainable = freeze_all_but(model, args.trainable, also=new_layers)
+        logger.info("Training %d of %d parameter tensors", len(trainable), len(list(model.parameters())))
     transformer = model.motion_transformer
     num_prev, window = transformer.config.num_prev_frames, transformer.config.window_size
 
@@ -524,6 +549,7 @@ def main(argv=None):
         {"params": [p for n, p in model.named_parameters() if n not in new_layers], "lr": args.learning_rate},
         {"params": [p for n, p in model.named_parameters() if n in new_layers], "lr": new_rate},
     ]
+    groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 

@@ -207,6 +207,22 @@ def test_fine_tuning_can_train_only_the_layers_the_folder_lacks(data_dir, motion
     assert tuned.motion_guider.style_to_features.weight.abs().max() > 0  # zero-initialised, then trained
 
 
+def test_fine_tuning_can_train_only_the_named_layers(data_dir, motion_setup, tmp_path):
+    main(tiny_args(data_dir, motion_setup, tmp_path / "run"))
+    folder = tmp_path / "run" / "pipeline"
+    tuned_args = ("--init_from", str(folder), "--learning_rate", "1e-2", "--trainable", "motion_guider.verbal_")
+    main(tiny_args(data_dir, motion_setup, tmp_path / "tuned", *tuned_args))
+    source, tuned = (INFPPipeline.from_pretrained(p) for p in (folder, tmp_path / "tuned" / "pipeline"))
+    changed = set()
+    for name in MOTION_MODEL:
+        ours, theirs = dict(getattr(tuned, name).named_parameters()), dict(getattr(source, name).named_parameters())
+        changed |= {f"{name}.{key}" for key in ours if not torch.equal(ours[key], theirs[key])}
+    assert changed and all(key.startswith("motion_guider.verbal_") for key in changed), changed
+    assert "motion_guider.verbal_bank" in changed
+    with pytest.raises(ValueError, match="--trainable motion_guider.verbl: no parameter has that prefix"):
+        main(tiny_args(data_dir, motion_setup, tmp_path / "typo", "--trainable", "motion_guider.verbl"))
+
+
 def test_runs_as_two_processes_with_accelerate(data_dir, motion_setup, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(SCRIPT),
                *tiny_args(data_dir, motion_setup, tmp_path, "--max_train_steps", "2")]  # fmt: skip
