@@ -187,8 +187,11 @@ def _generate(
 
             result = pipe(face, own, partner, output_type="np", callback_on_step_end=report, **settings)
             frames, audio, motion_latents = result.frames, result.audio, result.motion_latents
-    except INFPInputError as error:
-        raise gr.Error(str(error)) from None
+    except Exception as error:
+        shutil.rmtree(folder, ignore_errors=True)  # a refused or failed request leaves no folder behind
+        if isinstance(error, INFPInputError):
+            raise gr.Error(str(error)) from None
+        raise
     progress(0.95, desc="Writing the video")
     path = write_video(folder / "infp.mp4", frames, pipe.fps, audio)
     activity = [voice_activity(track, len(frames), fps=pipe.fps) > 0.5 for track in (own, partner)]

@@ -1,5 +1,7 @@
 """The demo's generate function on a tiny pipeline: outputs, conversation splitting and every kind of bad input."""
 
+import tempfile
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -36,6 +38,15 @@ def voices(tmp_path_factory) -> dict[str, str]:
     paths["mixed"] = str(folder / "mixed.wav")
     soundfile.write(paths["mixed"], man + woman, SAMPLE_RATE)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def scratch(tmp_path, monkeypatch):
+    """The temporary-files folder the app's request folders are made in (the test's own, removed with it)."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def quiet(*args, **kwargs):
@@ -117,12 +128,13 @@ def test_conversation_file_is_split_and_the_agent_chosen(voices):
         (dict(own="not-there.wav"), "not found|does not exist|cannot|could not"),
     ],
 )
-def test_missing_or_unreadable_input_is_a_readable_error(inputs, message, voices):
+def test_missing_or_unreadable_input_is_a_readable_error(inputs, message, voices, scratch):
     with pytest.raises(gr.Error, match=message):
         generate(**({"own": voices["own"]} | inputs))
+    assert not list(scratch.iterdir())  # no request folder left behind
 
 
-def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices, tmp_path, monkeypatch):
+def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices, tmp_path, monkeypatch, scratch):
     blank = tmp_path / "wall.png"
     from PIL import Image
 
@@ -140,6 +152,7 @@ def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices,
     monkeypatch.setattr(app, "MAX_SECONDS", 1.0)
     with pytest.raises(gr.Error, match="agent's voice track is 1.2 s long; the limit is 1 s: trim it, or run the app"):
         generate(own=voices["own"])
+    assert not list(scratch.iterdir())  # refused requests leave no folder behind
 
 
 def test_gpu_reservation_grows_with_audio_and_steps(voices, tmp_path):
