@@ -10,6 +10,7 @@ accepted, default 20 s: ZeroGPU quotas are small), GRADIO_SERVER_NAME / GRADIO_S
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -49,8 +50,24 @@ NO_STYLE = "none"
 # Gradio streams video output through ffmpeg and ffprobe (on Spaces from packages.txt); without them the video
 # comes whole at the end.
 LIVE_STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))
+# Gradio serves copies of the output files from its own cache (pruned by `delete_cache`), so a request's own
+# folder is only needed until its output is sent; older ones are removed when a new request starts.
+KEEP_REQUEST_FILES_S = 3600
 
 _pipeline: INFPPipeline | None = None
+
+
+def request_folder() -> Path:
+    """A new folder for one request's files (concurrent visitors never share or overwrite files), under one
+    parent in the temporary-files folder; request folders older than KEEP_REQUEST_FILES_S are removed first, so
+    a long-running Space does not fill its disk."""
+    parent = Path(tempfile.gettempdir()) / "infp-requests"
+    parent.mkdir(exist_ok=True)
+    cutoff = time.time() - KEEP_REQUEST_FILES_S
+    for old in parent.iterdir():
+        if old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=parent))
 
 
 def get_pipeline() -> INFPPipeline:
@@ -154,8 +171,7 @@ def _generate(
     pipe = get_pipeline()
     if pipe.motion_guider is None:
         raise gr.Error(f"The checkpoint {CHECKPOINT} has no audio-to-motion model (stage 2); load a complete one.")
-    # Every request writes into its own folder: concurrent visitors never share or overwrite files.
-    folder = Path(tempfile.mkdtemp(prefix="infp-"))
+    folder = request_folder()
     try:
         progress(0.0, desc="Reading the audio")
         # As the pipeline takes them (equal lengths; both silent is an error), for the stream too.
@@ -216,7 +232,8 @@ def generate_example(portrait, own_audio, partner_audio):
 
 def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
     pipe = pipe or get_pipeline()
-    with gr.Blocks(title="open INFP: interactive talking and listening head") as demo:
+    # delete_cache: every hour, Gradio's copies of uploads and outputs older than an hour are deleted.
+    with gr.Blocks(title="open INFP: interactive talking and listening head", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# open INFP: a portrait that talks and listens\n"
             "Give one portrait and two voices: the agent's own and its conversation partner's. The face talks, with "

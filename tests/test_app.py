@@ -1,6 +1,8 @@
 """The demo's generate function on a tiny pipeline: outputs, conversation splitting and every kind of bad input."""
 
+import os
 import tempfile
+import time
 
 import gradio as gr
 import numpy as np
@@ -110,6 +112,16 @@ def test_same_seed_same_video_and_requests_never_share_files(voices):
     np.testing.assert_array_equal(read_video(first)[0], read_video(second)[0])
 
 
+def test_a_new_request_removes_request_folders_older_than_an_hour(scratch):
+    old, recent = app.request_folder(), app.request_folder()
+    (old / "infp.mp4").write_bytes(b"video")
+    hours_ago = time.time() - app.KEEP_REQUEST_FILES_S - 60
+    os.utime(old, (hours_ago, hours_ago))
+    new = app.request_folder()
+    assert not old.exists() and recent.is_dir() and new.is_dir()
+    assert sorted(scratch.glob("infp-requests/*")) == sorted([recent, new])
+
+
 def test_conversation_file_is_split_and_the_agent_chosen(voices):
     own_1, partner_1 = app.resolve_tracks(app.ONE_FILE, None, None, voices["mixed"], app.SPEAKERS[0])
     own_2, partner_2 = app.resolve_tracks(app.ONE_FILE, None, None, voices["mixed"], app.SPEAKERS[1])
@@ -131,7 +143,7 @@ def test_conversation_file_is_split_and_the_agent_chosen(voices):
 def test_missing_or_unreadable_input_is_a_readable_error(inputs, message, voices, scratch):
     with pytest.raises(gr.Error, match=message):
         generate(**({"own": voices["own"]} | inputs))
-    assert not list(scratch.iterdir())  # no request folder left behind
+    assert not list(scratch.glob("infp-requests/*"))  # no request folder left behind
 
 
 def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices, tmp_path, monkeypatch, scratch):
@@ -152,7 +164,7 @@ def test_no_face_unreadable_audio_silence_and_length_are_readable_errors(voices,
     monkeypatch.setattr(app, "MAX_SECONDS", 1.0)
     with pytest.raises(gr.Error, match="agent's voice track is 1.2 s long; the limit is 1 s: trim it, or run the app"):
         generate(own=voices["own"])
-    assert not list(scratch.iterdir())  # refused requests leave no folder behind
+    assert not list(scratch.glob("infp-requests/*"))  # refused requests leave no folder behind
 
 
 def test_gpu_reservation_grows_with_audio_and_steps(voices, tmp_path):
