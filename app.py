@@ -20,6 +20,7 @@ import torch
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.motion_metrics import speaking_state
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
@@ -223,7 +224,7 @@ generate = spaces.GPU(duration=gpu_seconds)(_generate) if spaces is not None els
 def generate_example(portrait, own_audio, partner_audio):
     """The examples with the default settings: the whole video and the timeline."""
     *_, (_, video, timeline) = generate(portrait, TWO_TRACKS, own_audio, partner_audio, None, SPEAKERS[0], NO_STYLE,
-                                        None, 20, 2.5, 0, 256, False)  # fmt: skip
+                                        None, 20, DEFAULT_GUIDANCE_SCALE, 0, 256, False)  # fmt: skip
     return video, timeline
 
 
@@ -279,7 +280,7 @@ def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
                     style = gr.Dropdown(style_choices(pipe), value=NO_STYLE, label="Style preset")
                     style_clip = gr.Video(label="Or a style reference clip (how the agent should move)")
                     steps = gr.Slider(5, 50, value=20, step=1, label="Denoising steps")
-                    guidance_scale = gr.Slider(1.0, 5.0, value=2.5, step=0.1, label="Guidance scale")
+                    guidance_scale = gr.Slider(1.0, 5.0, DEFAULT_GUIDANCE_SCALE, step=0.1, label="Guidance scale")
                     seed = gr.Number(0, precision=0, label="Seed")
                     size = gr.Radio([256, 512], value=256, label="Face size (pixels)")
                     full_portrait = gr.Checkbox(False, label="Paste the face back into the full portrait")

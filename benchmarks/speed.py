@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline_infp import INFPPipeline
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import SAMPLE_RATE, load_audio, voice_activity, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--portrait", default=ROOT / "examples" / "portrait-s1.jpg")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio length (the example conversation looped)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=2.5)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--render-batch-size", type=int, default=16)
     parser.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")

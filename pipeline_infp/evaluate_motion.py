@@ -48,6 +48,7 @@ from pipeline_infp.motion_metrics import (
     speaking_state,
     temporal_variance,
 )
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
@@ -568,7 +569,7 @@ def add_parser(commands) -> None:
     sub.add_argument("--max-seconds", type=float, default=10.0, help="cap per clip and per conversation side")
     sub.add_argument("--bank-clips", type=int, default=12, help="training clips for the feature space and baselines")
     sub.add_argument("--steps", type=int, default=20, help="DDIM steps of the generated method")
-    sub.add_argument("--guidance-scale", type=float, default=2.5)
+    sub.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
@@ -576,7 +577,7 @@ def add_parser(commands) -> None:
                      help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
-    sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.5, 3.5])
+    sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.5])
     sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep and --styles")
     sub.add_argument("--styles", action="store_true", help="also measure each style preset against neutral")
     sub.add_argument("--size", type=int, default=256)

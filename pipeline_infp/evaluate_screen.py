@@ -35,6 +35,7 @@ from pipeline_infp.evaluate_motion import (
     track_items,
 )
 from pipeline_infp.motion_metrics import closed_mouth_fraction
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import FaceProcessor, mouth_aperture, voice_activity
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def add_parser(commands) -> None:
     sub.add_argument("--json", help="write every result here")
     sub.add_argument("--max-seconds", type=float, default=10.0, help="cap per clip and per conversation side")
     sub.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    sub.add_argument("--guidance-scale", type=float, default=2.5)
+    sub.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip

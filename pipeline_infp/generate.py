@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pipeline_infp.pipeline_infp import INFPPipeline
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE, INFPPipeline
 from pipeline_infp.presets import build_pipeline
 from pipeline_infp.processing import INFPInputError, load_audio, write_video
 from pipeline_infp.processing.diarize import conversation_tracks
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--style", help="style preset name or reference clip")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per window")
-    parser.add_argument("--guidance-scale", type=float, default=2.5)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="side of the rendered face crop")
     parser.add_argument("--paste-back", action="store_true", help="paste the face back into the full portrait")
