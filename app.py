@@ -233,8 +233,9 @@ def generate_example(portrait, own_audio, partner_audio):
 
 def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
     pipe = pipe or get_pipeline()
-    # delete_cache: every hour, Gradio's copies of uploads and outputs older than an hour are deleted.
-    with gr.Blocks(title="open INFP: interactive talking and listening head", delete_cache=(3600, 3600)) as demo:
+    # delete_cache: as often as that, Gradio's copies of uploads and outputs older than KEEP_REQUEST_FILES_S go.
+    cleanup = (KEEP_REQUEST_FILES_S, KEEP_REQUEST_FILES_S)
+    with gr.Blocks(title="open INFP: interactive talking and listening head", delete_cache=cleanup) as demo:
         gr.Markdown(
             "# open INFP: a portrait that talks and listens\n"
             "Give one portrait and two voices: the agent's own and its conversation partner's. The face talks, with "

@@ -591,6 +591,14 @@ def format_table(summary: dict, note: str = "") -> str:
     return "\n".join(out) + (f"\n{note}" if note else "")
 
 
+def write_json(path: str | Path, results: dict) -> None:
+    """Results as readable UTF-8 JSON (names keep their accents), the folder made when missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1, ensure_ascii=False)
+    print(f"wrote {path}")
+
+
 def _machine(device: str) -> dict:
     info = {
         "platform": platform.platform(),
@@ -692,10 +700,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
     print(format_table(summary, note))
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(timer.seconds.items())))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1, ensure_ascii=False)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return results
 
 

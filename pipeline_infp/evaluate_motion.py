@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import math
 import time
@@ -37,7 +36,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline_infp.evaluate import _machine, _round, iter_crops, pearson, read_manifest, spread, track_clip
+from pipeline_infp.evaluate import (
+    _machine,
+    _round,
+    iter_crops,
+    pearson,
+    read_manifest,
+    spread,
+    track_clip,
+    write_json,
+)
 from pipeline_infp.motion_features import MotionFeatureSpace
 from pipeline_infp.motion_metrics import (
     blinks_per_minute,
@@ -48,7 +56,7 @@ from pipeline_infp.motion_metrics import (
     speaking_state,
     temporal_variance,
 )
-from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE, INFPPipeline
 from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
@@ -183,15 +191,19 @@ def boundary_ratio(latents: torch.Tensor, window: int, overlap: int = 0) -> floa
     return float(steps[at].mean() / max(steps[~at].mean(), 1e-12))
 
 
-def run_motion(args: argparse.Namespace) -> dict:
-    from pipeline_infp.pipeline_infp import INFPPipeline
-
-    start_time = time.perf_counter()
-    entries = read_manifest(args.manifest)
+def load_motion_pipeline(args: argparse.Namespace) -> INFPPipeline:
+    """--checkpoint on --device, quiet; a stage-1 folder (no motion model) is refused."""
     pipe = INFPPipeline.from_pretrained(args.checkpoint).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if pipe.motion_transformer is None:
         raise ValueError(f"{args.checkpoint} has no motion model (a stage-1 checkpoint): train stage 2 first.")
+    return pipe
+
+
+def run_motion(args: argparse.Namespace) -> dict:
+    start_time = time.perf_counter()
+    entries = read_manifest(args.manifest)
+    pipe = load_motion_pipeline(args)
     fps, window = pipe.fps, pipe.motion_transformer.config.window_size
     rng = np.random.default_rng(args.seed)
     with FaceProcessor() as processor:
@@ -251,9 +263,7 @@ def run_motion(args: argparse.Namespace) -> dict:
     }
     out = _round(out)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return out
 
 
@@ -561,13 +571,24 @@ def add_parser(commands) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_generation_arguments(sub)
+    sub.add_argument("--features", help="motion feature space .npz (default <checkpoint>/motion_features.npz; "
+                     "fitted on the manifest's training clips when missing)")  # fmt: skip
+    sub.add_argument("--bank-clips", type=int, default=12, help="training clips for the feature space and baselines")
+    sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
+    sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
+    sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.5])
+    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep and --styles")
+    sub.add_argument("--styles", action="store_true", help="also measure each style preset against neutral")
+    sub.set_defaults(handler=run_motion)
+
+
+def add_generation_arguments(sub) -> None:
+    """What `motion` and `motion-screen` share: inputs, output, the items' length and how the motion is generated."""
     sub.add_argument("--manifest", required=True, help="manifest.csv in the shared data format")
     sub.add_argument("--checkpoint", required=True, help="a complete pipeline folder (stage 1 + stage 2)")
     sub.add_argument("--json", help="write every result here")
-    sub.add_argument("--features", help="motion feature space .npz (default <checkpoint>/motion_features.npz; "
-                     "fitted on the manifest's training clips when missing)")  # fmt: skip
     sub.add_argument("--max-seconds", type=float, default=10.0, help="cap per clip and per conversation side")
-    sub.add_argument("--bank-clips", type=int, default=12, help="training clips for the feature space and baselines")
     sub.add_argument("--steps", type=int, default=20, help="DDIM steps of the generated method")
     sub.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
@@ -575,14 +596,8 @@ def add_parser(commands) -> None:
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
     sub.add_argument("--sync-search", type=int, default=5,
                      help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
-    sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
-    sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
-    sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.5])
-    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep and --styles")
-    sub.add_argument("--styles", action="store_true", help="also measure each style preset against neutral")
     sub.add_argument("--size", type=int, default=256)
     sub.add_argument("--fps", type=float, default=25.0)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub.add_argument("--no-progress", dest="progress", action="store_false")
-    sub.set_defaults(handler=run_motion)

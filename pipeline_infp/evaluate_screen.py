@@ -16,7 +16,6 @@ below (the rendered face does not show a mesh's small openings) and ranks them o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -26,16 +25,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline_infp.evaluate import _machine, _round, read_manifest
+from pipeline_infp.evaluate import _machine, _round, read_manifest, write_json
 from pipeline_infp.evaluate_motion import (
     _table,
+    add_generation_arguments,
     conversation_items,
     first_frame_face,
+    load_motion_pipeline,
     mouth_correlations,
     track_items,
 )
 from pipeline_infp.motion_metrics import closed_mouth_fraction
-from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import FaceProcessor, mouth_aperture, voice_activity
 
 logger = logging.getLogger(__name__)
@@ -85,14 +85,9 @@ def summarise_screen(rows: list[dict]) -> dict:
 
 
 def run_screen(args: argparse.Namespace) -> dict:
-    from pipeline_infp.pipeline_infp import INFPPipeline
-
     start_time = time.perf_counter()
     entries = read_manifest(args.manifest)
-    pipe = INFPPipeline.from_pretrained(args.checkpoint).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
-    if pipe.motion_transformer is None:
-        raise ValueError(f"{args.checkpoint} has no motion model (a stage-1 checkpoint): train stage 2 first.")
+    pipe = load_motion_pipeline(args)
     with FaceProcessor() as processor:
         val = [dict(item, kind="talking") for item in track_items(entries, processor, args, "val")]
         items = val + conversation_items(entries, processor, args)
@@ -122,9 +117,7 @@ def run_screen(args: argparse.Namespace) -> dict:
         "table": table,
     })  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return out
 
 
@@ -135,20 +128,5 @@ def add_parser(commands) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("--manifest", required=True, help="manifest.csv in the shared data format")
-    sub.add_argument("--checkpoint", required=True, help="a complete pipeline folder (stage 1 + stage 2)")
-    sub.add_argument("--json", help="write every result here")
-    sub.add_argument("--max-seconds", type=float, default=10.0, help="cap per clip and per conversation side")
-    sub.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    sub.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
-    sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
-                     help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
-    sub.add_argument("--sync-search", type=int, default=5,
-                     help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
-    sub.add_argument("--size", type=int, default=256)
-    sub.add_argument("--fps", type=float, default=25.0)
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sub.add_argument("--no-progress", dest="progress", action="store_false")
+    add_generation_arguments(sub)
     sub.set_defaults(handler=run_screen)
