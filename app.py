@@ -163,7 +163,7 @@ def timeline_figure(own_activity, partner_activity, talking, fps: float):
 
 def _generate(
     portrait, mode, own_audio, partner_audio, conversation, agent_speaker, style, style_clip, steps, guidance_scale,
-    seed, size, full_portrait, progress=gr.Progress(),  # noqa: B008 (Gradio injects progress this way)
+    silent_mouth_rest, seed, size, full_portrait, progress=gr.Progress(),  # noqa: B008 (Gradio injects progress)
 ):  # fmt: skip
     """Yields (live video chunk, whole video, timeline): with live streaming, each window's frames as an mp4 chunk
     as soon as they are rendered (`INFPPipeline.stream`), then the whole video and the timeline."""
@@ -183,8 +183,9 @@ def _generate(
         windows = pipe.num_windows(round(_seconds(own) * pipe.fps))
         settings = dict(
             style=style_clip or (None if style == NO_STYLE else style), num_inference_steps=int(steps),
-            guidance_scale=float(guidance_scale), generator=torch.Generator(pipe.device).manual_seed(int(seed)),
-            image_size=int(size), paste_back=bool(full_portrait),
+            guidance_scale=float(guidance_scale), silent_mouth_rest=float(silent_mouth_rest),
+            generator=torch.Generator(pipe.device).manual_seed(int(seed)), image_size=int(size),
+            paste_back=bool(full_portrait),
         )  # fmt: skip
         if LIVE_STREAMING:
             pieces = []
@@ -224,7 +225,7 @@ generate = spaces.GPU(duration=gpu_seconds)(_generate) if spaces is not None els
 def generate_example(portrait, own_audio, partner_audio):
     """The examples with the default settings: the whole video and the timeline."""
     *_, (_, video, timeline) = generate(portrait, TWO_TRACKS, own_audio, partner_audio, None, SPEAKERS[0], NO_STYLE,
-                                        None, 20, DEFAULT_GUIDANCE_SCALE, 0, 256, False)  # fmt: skip
+                                        None, 20, DEFAULT_GUIDANCE_SCALE, 1.0, 0, 256, False)  # fmt: skip
     return video, timeline
 
 
@@ -282,6 +283,10 @@ def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
                     style_clip = gr.Video(label="Or a style reference clip (how the agent should move)")
                     steps = gr.Slider(5, 50, value=20, step=1, label="Denoising steps")
                     guidance_scale = gr.Slider(1.0, 5.0, DEFAULT_GUIDANCE_SCALE, step=0.1, label="Guidance scale")
+                    silent_mouth_rest = gr.Slider(
+                        0.0, 1.0, 1.0, step=0.1, label="Lips at rest while the agent is silent",
+                        info="1: closed while it listens; 0: the mouth as the motion model makes it",
+                    )  # fmt: skip
                     seed = gr.Number(0, precision=0, label="Seed")
                     size = gr.Radio([256, 512], value=256, label="Face size (pixels)")
                     full_portrait = gr.Checkbox(False, label="Paste the face back into the full portrait")
@@ -294,7 +299,7 @@ def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
                 video = gr.Video(label="Result", autoplay=not LIVE_STREAMING, elem_id="result")
                 timeline = gr.Plot(label="Who speaks when, and what the face does", elem_id="timeline")
         inputs = [portrait, mode, own_audio, partner_audio, conversation, agent_speaker, style, style_clip, steps,
-                  guidance_scale, seed, size, full_portrait]  # fmt: skip
+                  guidance_scale, silent_mouth_rest, seed, size, full_portrait]  # fmt: skip
         run.click(generate, inputs, [live, video, timeline])
         examples = example_rows()
         if examples:

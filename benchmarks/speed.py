@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline_infp import INFPPipeline
+from pipeline_infp.generate import add_silent_mouth_argument
 from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
 from pipeline_infp.processing import SAMPLE_RATE, load_audio, voice_activity, write_video
 
@@ -95,7 +96,8 @@ def apply_fast_paths(pipe: INFPPipeline, compile_models: bool, channels_last: bo
 def end_to_end_output(pipe: INFPPipeline, args, own, partner, overlap: int):
     return pipe(str(args.portrait), own, partner, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                 generator=torch.Generator(args.device).manual_seed(0), image_size=args.size,
-                render_batch_size=args.render_batch_size, window_overlap=overlap, output_type="np")  # fmt: skip
+                render_batch_size=args.render_batch_size, window_overlap=overlap,
+                silent_mouth_rest=args.silent_mouth_rest, output_type="np")  # fmt: skip
 
 
 def deviation(out, reference) -> dict:
@@ -129,18 +131,21 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> tuple[dict, object]:
     times["audio encoding"], features = timed(
         lambda: pipe.encode_audio(own_padded, partner_padded, padded), device, runs, warmup
     )
-    activity = torch.from_numpy(
-        np.stack([voice_activity(x, padded, fps=pipe.fps) for x in (own_padded, partner_padded)])
-    ).to(device)
-    times["guide"], (motion_features, _) = timed(lambda: pipe.guide(features, activity, None), device, runs, warmup)
+    activity = np.stack([voice_activity(x, padded, fps=pipe.fps) for x in (own_padded, partner_padded)])
+    times["guide"], (motion_features, _) = timed(
+        lambda: pipe.guide(features, torch.from_numpy(activity).to(device), None), device, runs, warmup
+    )
     motion_features = motion_features.to(pipe.motion_transformer.dtype)
+    mouth_rest_weights = pipe.silent_mouth_weights(activity[0], args.silent_mouth_rest)
 
     def motion(frames: int):
         """The windows covering the first `frames` of the padded frames (`padded`: all; `window`: the first)."""
         generator.manual_seed(0)
+        weights = None if mouth_rest_weights is None else mouth_rest_weights[:frames]
         return pipe.denoise_windows(
-            portrait, motion_features[:, :frames], None, args.steps, args.guidance_scale, 1.0, generator, 0.0, overlap
-        )[:num_frames]
+            portrait, motion_features[:, :frames], None, args.steps, args.guidance_scale, 1.0, generator, 0.0, overlap,
+            mouth_rest_weights=weights,
+        )[:num_frames]  # fmt: skip
 
     times["motion generation"], latents = timed(lambda: motion(padded), device, runs, warmup)
     times["first window motion"], _ = timed(lambda: motion(window), device, runs, warmup)
@@ -168,7 +173,7 @@ def benchmark(pipe: INFPPipeline, args, dtype_name: str) -> tuple[dict, object]:
         start, first = time.perf_counter(), None
         stream = pipe.stream(face, pieces, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                              generator=generator.manual_seed(0), render_batch_size=args.render_batch_size,
-                             window_overlap=overlap)  # fmt: skip
+                             window_overlap=overlap, silent_mouth_rest=args.silent_mouth_rest)  # fmt: skip
         for _ in stream:
             sync(device)
             first = first if first is not None else time.perf_counter() - start
@@ -207,6 +212,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--render-batch-size", type=int, default=16)
     parser.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
+    add_silent_mouth_argument(parser)
     parser.add_argument("--chunk-seconds", type=float, default=0.2, help="audio chunk size fed to the stream")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--runs", type=int, default=3)

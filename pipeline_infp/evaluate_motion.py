@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from pipeline_infp.evaluate import (
     track_clip,
     write_json,
 )
+from pipeline_infp.generate import add_silent_mouth_argument
 from pipeline_infp.motion_features import MotionFeatureSpace
 from pipeline_infp.motion_metrics import (
     blinks_per_minute,
@@ -230,7 +230,8 @@ def run_motion(args: argparse.Namespace) -> dict:
         styles = run_styles(pipe, talking_items[: args.sweep_items], read, args) if args.styles else None
         sweep = None
         if args.sweep:
-            sweep = run_sweep(pipe, talking_items[: args.sweep_items], read, space, args)
+            sides = [i for i in items if i["kind"] == "dual"][: args.sweep_items]
+            sweep = run_sweep(pipe, talking_items[: args.sweep_items], sides, read, space, args)
 
     note = (
         f"{sum(i['kind'] == 'talking' for i in items)} val talking clips and "
@@ -259,6 +260,12 @@ def run_motion(args: argparse.Namespace) -> dict:
         "mouth_corr_per_clip": {i["id"]: c for i, (c, _) in zip(talking_items, lip_sync["generated"]["lag 0"])},
         "mouth_corr_lag_searched_per_clip": {
             i["id"]: {"corr": c, "lag": lag} for i, (c, lag) in zip(talking_items, lip_sync["generated"]["searched"])
+        },
+        "listening_per_side": {
+            i["id"]: listening_fractions(r)
+            for i, r in zip(
+                [i for i in items if i["kind"] == "dual"], [r for r in results["generated"] if r["kind"] == "dual"]
+            )
         },
     }
     out = _round(out)
@@ -323,7 +330,7 @@ def generate(pipe, face, own, partner, steps: int, guidance: float, args, style=
     generator = torch.Generator().manual_seed(args.seed)
     out = pipe(face, own, partner, style=style, num_inference_steps=steps, guidance_scale=guidance,
                generator=generator, window_overlap=args.window_overlap, close_mouth=args.close_mouth,
-               output_type="np")  # fmt: skip
+               silent_mouth_rest=args.silent_mouth_rest, output_type="np")  # fmt: skip
     return _uint8(out.frames), out.motion_latents
 
 
@@ -401,6 +408,19 @@ def mouth_correlations(records: list[dict], truth: list[dict], max_lag: int = 0)
     return correlations
 
 
+def listening_fractions(record: dict) -> dict:
+    """Where only the partner speaks, the fraction of frames with a closed mouth (an inner-lip gap under 0.05
+    inter-ocular distances) and with the mouth at rest (opened by less than that beyond the portrait's own mouth: a
+    portrait smiling with parted lips is not talking when it keeps that mouth); None without such frames."""
+    listening = (record["own_vad"] < 0.5) & (record["partner_vad"] > 0.5)
+    if not listening.any():
+        return {"closed_mouth_listening": None, "rest_mouth_listening": None}
+    return {
+        "closed_mouth_listening": closed_mouth_fraction(record["mouth"], listening),
+        "rest_mouth_listening": closed_mouth_fraction(record["mouth"] - record["rest_mouth"], listening),
+    }
+
+
 def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dict]:
     """The table's row per method, and per method the per-clip lip sync behind its two mouth columns
     (`{"lag 0": [(corr, 0)], "searched": [(corr, lag)]}`, in talking-clip order)."""
@@ -448,17 +468,10 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
             "mouth_corr_lag_searched": float(np.mean([c for c, _ in lip_sync[method]["searched"]])),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
-        # Closed: an inner-lip gap under 0.05 inter-ocular distances; "rest": opened by less than that beyond the
-        # portrait's own mouth (a portrait smiling with parted lips is not talking when it keeps that mouth).
-        for key, rest in (("closed_mouth_listening", False), ("rest_mouth_listening", True)):
-            listening = [
-                closed_mouth_fraction(
-                    r["mouth"] - (r["rest_mouth"] if rest else 0.0), (r["own_vad"] < 0.5) & (r["partner_vad"] > 0.5)
-                )
-                for r in dual
-            ]
-            listening = [x for x in listening if not math.isnan(x)]
-            row[key] = float(np.mean(listening)) if listening else None
+        fractions = [listening_fractions(r) for r in dual]
+        for key in ("closed_mouth_listening", "rest_mouth_listening"):
+            values = [f[key] for f in fractions if f[key] is not None]
+            row[key] = float(np.mean(values)) if values else None
         every = compared + dual
         row["state_accuracy"] = float(np.mean(np.concatenate([
             speaking_state(r["mouth"], fps) == (r["own_vad"] > 0.5) for r in every
@@ -470,9 +483,12 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
     return summary, lip_sync
 
 
-def run_sweep(pipe, items, read, space, args) -> list[dict]:
-    """FD, mouth correlation on speech and state accuracy of the generated motion over DDIM steps × guidance."""
+def run_sweep(pipe, items, sides, read, space, args) -> list[dict]:
+    """Over DDIM steps × guidance: FD, mouth correlation on speech and state accuracy of the generated motion on
+    the talking `items`, and where only the partner speaks in the conversation `sides`, the closed and rest mouth
+    fractions (what guidance trades against lip sync: more of it opens the mouth while listening)."""
     truth = [space.transform(item["landmarks"]) for item in items]
+    rests = [float(mouth_aperture(read(side["portrait"].image[None])[0][0])) for side in sides]
     rows = []
     for steps, guidance in itertools.product(args.sweep_steps, args.sweep_guidance):
         features, mouth_corr, accuracy = [], [], []
@@ -489,9 +505,21 @@ def run_sweep(pipe, items, read, space, args) -> list[dict]:
             )
             mouth_corr.append(correlation)
             accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == (vad > 0.5)))
+        closed, at_rest = [], []
+        for side, rest in zip(sides, rests):
+            frames, _ = generate(pipe, side["portrait"], side["audio"], side["partner"], steps, guidance, args)
+            mouth = mouth_aperture(read(frames)[0])
+            listening = (voice_activity(side["audio"], len(frames), fps=pipe.fps) < 0.5) & (
+                voice_activity(side["partner"], len(frames), fps=pipe.fps) > 0.5
+            )
+            if listening.any():
+                closed.append(closed_mouth_fraction(mouth, listening))
+                at_rest.append(closed_mouth_fraction(mouth - rest, listening))
         fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
         rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
-                     "state_accuracy": float(np.mean(accuracy))})  # fmt: skip
+                     "state_accuracy": float(np.mean(accuracy)),
+                     "closed_mouth_listening": float(np.mean(closed)) if closed else None,
+                     "rest_mouth_listening": float(np.mean(at_rest)) if at_rest else None})  # fmt: skip
     return rows
 
 
@@ -559,9 +587,15 @@ def format_motion_table(summary: dict) -> str:
 
 
 def format_sweep(rows: list[dict]) -> str:
+    def percent(value):
+        return "—" if value is None else f"{value:.1%}"
+
     body = [[str(r["steps"]), f"{r['guidance_scale']:g}", f"{r['fd']:.2f}", f"{r['mouth_corr']:+.3f}",
-             f"{r['state_accuracy']:.1%}"] for r in rows]  # fmt: skip
-    return _table(["steps", "guidance", "FD ↓", "mouth corr ↑", "state acc ↑"], body)
+             f"{r['state_accuracy']:.1%}", percent(r["closed_mouth_listening"]), percent(r["rest_mouth_listening"])]
+            for r in rows]  # fmt: skip
+    header = ["steps", "guidance", "FD ↓", "mouth corr ↑", "state acc ↑", "closed mouth listening ↑",
+              "rest mouth listening ↑"]  # fmt: skip
+    return _table(header, body)
 
 
 def add_parser(commands) -> None:
@@ -578,7 +612,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--sweep", action="store_true", help="also sweep DDIM steps x guidance scale")
     sub.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 20, 40])
     sub.add_argument("--sweep-guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.5])
-    sub.add_argument("--sweep-items", type=int, default=3, help="val clips used by the sweep and --styles")
+    sub.add_argument("--sweep-items", type=int, default=3,
+                     help="val clips for the sweep and --styles; dual-audio sides for the sweep")  # fmt: skip
     sub.add_argument("--styles", action="store_true", help="also measure each style preset against neutral")
     sub.set_defaults(handler=run_motion)
 
@@ -594,6 +629,7 @@ def add_generation_arguments(sub) -> None:
     sub.add_argument("--window-overlap", type=int, help="frames shared by windows (default: the pipeline's)")
     sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
+    add_silent_mouth_argument(sub)
     sub.add_argument("--sync-search", type=int, default=5,
                      help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
     sub.add_argument("--size", type=int, default=256)

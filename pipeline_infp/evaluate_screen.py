@@ -45,7 +45,8 @@ def driven_mouth(pipe, face, own: np.ndarray, partner: np.ndarray, args) -> tupl
     """The inner-lip gap per generated frame of the meshes the renderer would be driven to, and the rest mesh's."""
     out = pipe(face, own, partner, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                generator=torch.Generator().manual_seed(args.seed), window_overlap=args.window_overlap,
-               close_mouth=args.close_mouth, output_type="latent")  # fmt: skip
+               close_mouth=args.close_mouth, silent_mouth_rest=args.silent_mouth_rest,
+               output_type="latent")  # fmt: skip
     portrait = pipe.encode_portrait(face, close_mouth=args.close_mouth)
     latents = out.motion_latents.float().cpu()
     latents = torch.cat([torch.zeros_like(latents[:1]), latents])  # the rest mesh first

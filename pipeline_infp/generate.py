@@ -21,6 +21,18 @@ from pipeline_infp.processing import INFPInputError, load_audio, write_video
 from pipeline_infp.processing.diarize import conversation_tracks
 
 
+def add_silent_mouth_argument(parser: argparse.ArgumentParser) -> None:
+    def strength(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+        return value
+
+    parser.add_argument("--silent-mouth-rest", type=strength, default=1.0,
+                        help="how firmly the lips rest while the agent's own track is silent: 1 closed (default), "
+                             "0 as the motion model generates them")  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--portrait", required=True, help="photo with one clearly visible face")
@@ -45,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--paste-back", action="store_true", help="paste the face back into the full portrait")
     parser.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                         help="animate a portrait's parted lips as they are instead of closing them first")  # fmt: skip
+    add_silent_mouth_argument(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.conversation and args.other_audio:
@@ -76,6 +89,7 @@ def main(argv=None) -> int:
             image_size=args.size,
             paste_back=args.paste_back,
             close_mouth=args.close_mouth,
+            silent_mouth_rest=args.silent_mouth_rest,
             output_type="np",
         )
     except INFPInputError as error:

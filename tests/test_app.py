@@ -64,8 +64,8 @@ def live_streaming(request, monkeypatch):
 
 def run_app(portrait=PORTRAIT, own=None, partner=None, conversation=None, mode=app.TWO_TRACKS, speaker=0, **kw):
     """All of generate's updates: (live chunks, video, timeline) each."""
-    settings = dict(style=app.NO_STYLE, style_clip=None, steps=2, guidance_scale=2.5, seed=0, size=SIZE,
-                    full_portrait=False) | kw  # fmt: skip
+    settings = dict(style=app.NO_STYLE, style_clip=None, steps=2, guidance_scale=2.5, silent_mouth_rest=1.0, seed=0,
+                    size=SIZE, full_portrait=False) | kw  # fmt: skip
     return list(app.generate(
         portrait, mode, own, partner, conversation, app.SPEAKERS[speaker], *settings.values(), progress=quiet
     ))  # fmt: skip

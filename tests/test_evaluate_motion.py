@@ -108,7 +108,7 @@ def evaluation(shared_data, tmp_path_factory):
     out = tmp / "motion.json"
     returned = main(["motion", "--manifest", str(tmp / "manifest.csv"), "--checkpoint", str(tmp / "pipe"),
                      "--json", str(out), "--max-seconds", "2.5", "--steps", "2", "--no-progress", "--styles",
-                     "--sweep-items", "1", "--sweep", "--sweep-steps", "2", "--sweep-guidance", "2.5"])  # fmt: skip
+                     "--sweep-items", "2", "--sweep", "--sweep-steps", "2", "--sweep-guidance", "2.5"])  # fmt: skip
     return returned, json.loads(out.read_text()), tmp
 
 
@@ -141,6 +141,12 @@ def test_motion_evaluation_reports_every_method_against_the_ground_truth(evaluat
     assert (row["steps"], row["guidance_scale"]) == (2, 2.5)
     assert row["fd"] == pytest.approx(summary["generated"]["fd"], abs=1e-3)
     assert row["mouth_corr"] == pytest.approx(summary["generated"]["mouth_corr"], abs=1e-4)
+    for key in ("closed_mouth_listening", "rest_mouth_listening"):  # both conversation sides, as in the table
+        assert row[key] == pytest.approx(summary["generated"][key], abs=1e-6)
+    sides = results["listening_per_side"]
+    assert list(sides) == [item["id"] for item in results["items"] if item["kind"] == "dual"]
+    closed = [side["closed_mouth_listening"] for side in sides.values() if side["closed_mouth_listening"] is not None]
+    assert np.mean(closed) == pytest.approx(summary["generated"]["closed_mouth_listening"], abs=1e-4)
     for method in ("generated", "static", "random", "retrieval"):
         assert method in results["table"]
 
@@ -149,7 +155,8 @@ def test_the_screen_measures_the_meshes_the_renderer_is_driven_to(evaluation, sh
     _, results, tmp = evaluation
     pipe = INFPPipeline.from_pretrained(tmp / "pipe")
     pipe.set_progress_bar_config(disable=True)
-    args = SimpleNamespace(steps=2, guidance_scale=2.5, seed=0, window_overlap=None, close_mouth=True)
+    args = SimpleNamespace(steps=2, guidance_scale=2.5, seed=0, window_overlap=None, close_mouth=True,
+                           silent_mouth_rest=1.0)  # fmt: skip
     with FaceProcessor() as processor:
         face = processor.crop_portrait(shared_data / PORTRAIT_PATH, size=256)
     own = np.sin(np.arange(40000) / 7.0).astype(np.float32) * 0.3

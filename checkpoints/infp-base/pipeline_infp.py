@@ -31,6 +31,7 @@ from huggingface_hub import snapshot_download
 from pipeline_infp import models
 from pipeline_infp.hub import make_self_contained
 from pipeline_infp.processing import (
+    CLOSED_MOUTH_APERTURE,
     SAMPLE_RATE,
     FaceCrop,
     FaceProcessor,
@@ -42,10 +43,12 @@ from pipeline_infp.processing import (
     landmark_offsets,
     load_audio,
     mix_tracks,
+    mouth_aperture,
     mouth_closing_motion,
     pad_to_same_length,
     prior_flow,
     read_video,
+    silence_weights,
     voice_activity,
 )
 from pipeline_infp.processing import paste_back as paste_back_frames
@@ -123,6 +126,14 @@ def crossfade(tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     overlap = tail.shape[1]
     weight = torch.arange(1, overlap + 1, device=window.device, dtype=window.dtype).view(1, -1, 1) / (overlap + 1)
     return torch.cat([(1 - weight) * tail + weight * window[:, :overlap], window[:, overlap:]], dim=1)
+
+
+def check_silent_mouth_rest(strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(
+            f"silent_mouth_rest must be a number from 0 (lips as generated) to 1 (lips at rest while the agent is "
+            f"silent), got {strength!r}."
+        )
 
 
 def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
@@ -352,16 +363,15 @@ class INFPPipeline(DiffusionPipeline):
 
     def motion_features_for(
         self, own: np.ndarray, partner: np.ndarray, num_frames: int, style_vector
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """Steps 2-3 for tracks covering `num_frames` frames: Whisper features and voice activity of both tracks,
-        then the guider's f_m with the style and without it (None without a style), in the transformer's dtype."""
+        then the guider's f_m with the style and without it (None without a style), in the transformer's dtype,
+        and the voice activity [2, num_frames] (own, partner)."""
         audio_features = self.encode_audio(own, partner, num_frames)
-        activity = torch.from_numpy(
-            np.stack([voice_activity(x, num_frames, fps=self.fps) for x in (own, partner)])
-        ).to(self._execution_device)
-        styled, plain = self.guide(audio_features, activity, style_vector)
+        activity = np.stack([voice_activity(x, num_frames, fps=self.fps) for x in (own, partner)])
+        styled, plain = self.guide(audio_features, torch.from_numpy(activity).to(self._execution_device), style_vector)
         dtype = self.motion_transformer.dtype
-        return styled.to(dtype), None if plain is None else plain.to(dtype)
+        return styled.to(dtype), None if plain is None else plain.to(dtype), activity
 
     # 3. Guide ------------------------------------------------------------------------------------
 
@@ -374,6 +384,59 @@ class INFPPipeline(DiffusionPipeline):
         styled = guider(own, partner, style=style, **kwargs).motion_features
         plain = guider(own, partner, style=None, **kwargs).motion_features if style is not None else None
         return styled, plain
+
+    # 3b. The agent's silences ---------------------------------------------------------------------
+
+    def silent_mouth_weights(self, own_activity: np.ndarray, strength: float) -> np.ndarray | None:
+        """How firmly each frame's lips are held at rest [T]: `strength` deep in the agent's own silences, easing to
+        0 where its voice is active (`silence_weights`); None for strength 0 (the motion as generated)."""
+        return None if strength == 0 else strength * silence_weights(own_activity)
+
+    @torch.no_grad()
+    def rest_mouth(self, portrait: PortraitEncoding, latents: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+        """Normalised motion latents [1, W, latent_dim] with each frame's lips moved towards rest by its weight [W]
+        (1: the inner-lip gap of the face at rest, 0: unchanged), by the most ordinary mesh motion that does it
+        (`mouth_closing_motion`); the appearance part is left to the denoiser, which follows the geometry.
+
+        The motion model learnt listening from footage whose mouths hang open about half the time while not
+        speaking (model card), so on its own it keeps the lips parted in a third of the frames where only the
+        partner speaks; applied to the clean-latent estimate at every denoising step this brings them to rest."""
+        transformer, encoder = self.motion_transformer, self.motion_encoder
+        num_components = encoder.config.landmark_components
+        motion = transformer.denormalize_latents(latents.float())[0].cpu()
+        rest = torch.zeros_like(motion[:1]) if portrait.rest is None else portrait.rest.float().cpu()
+        basis = (encoder.landmark_basis.double().cpu() * encoder.landmark_scale.double().cpu()[:, None]).numpy()
+        target = max(CLOSED_MOUTH_APERTURE, float(mouth_aperture(self.motion_landmarks(portrait.landmarks, rest)[0])))
+        closed = motion.clone()
+        for _ in range(3):  # the gap is linearised where the lips are: a few steps land on the target
+            meshes = self.motion_landmarks(portrait.landmarks, closed + rest)
+            closed[:, :num_components] += torch.from_numpy(mouth_closing_motion(meshes, basis, target)).to(closed)
+        weights = torch.as_tensor(np.asarray(weights), dtype=motion.dtype)[:, None]
+        motion = motion + weights * (closed - motion)
+        return transformer.normalize_latents(motion.to(latents.device))[None].to(latents.dtype)
+
+    def with_rested_mouth(
+        self, portrait: PortraitEncoding, model_output: torch.Tensor, latents: torch.Tensor, t, weights: np.ndarray
+    ) -> torch.Tensor:
+        """The transformer's output with its clean-latent estimate passed through `rest_mouth`, in the form the
+        scheduler's prediction_type expects (clean latents, noise or v)."""
+        prediction_type = self.scheduler.config.prediction_type
+        alpha = self.scheduler.alphas_cumprod[int(t)].to(latents.device, torch.float32)
+        signal, noise = alpha.sqrt(), (1 - alpha).sqrt()
+        if prediction_type == "sample":
+            clean = model_output
+        elif prediction_type == "epsilon":
+            clean = (latents - noise * model_output) / signal
+        elif prediction_type == "v_prediction":
+            clean = signal * latents - noise * model_output
+        else:
+            raise ValueError(f"Unsupported scheduler prediction_type {prediction_type!r}.")
+        change = self.rest_mouth(portrait, clean, weights) - clean
+        if prediction_type == "sample":
+            return model_output + change
+        if prediction_type == "epsilon":
+            return (model_output - change * signal / noise).to(model_output.dtype)
+        return (model_output - change / noise).to(model_output.dtype)
 
     # 4. Denoise ----------------------------------------------------------------------------------
 
@@ -397,10 +460,12 @@ class INFPPipeline(DiffusionPipeline):
         window_overlap: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        mouth_rest_weights: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Every window of f_m [1, T, D] in turn (T as `pad_to_windows` gives it), each starting `window_size -
         window_overlap` frames after the one before, continuing from the `num_prev_frames` frames before its start
-        and cross-faded over the shared frames: motion latents [T, latent_dim] in the motion encoder's space."""
+        and cross-faded over the shared frames: motion latents [T, latent_dim] in the motion encoder's space.
+        `mouth_rest_weights` [T] (`silent_mouth_weights`): how firmly each frame's lips are held at rest."""
         transformer = self.motion_transformer
         window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
         stride = window - self.resolve_window_overlap(window_overlap)
@@ -414,7 +479,8 @@ class INFPPipeline(DiffusionPipeline):
                     motion_features[:, span],
                     None if plain_motion_features is None else plain_motion_features[:, span],
                     prev, num_inference_steps, guidance_scale, style_guidance_scale, generator, eta, w,
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar, portrait,
+                    None if mouth_rest_weights is None else mouth_rest_weights[span],
                 )  # fmt: skip
                 if joined is None:
                     joined = latents
@@ -437,6 +503,8 @@ class INFPPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         progress_bar,
+        portrait: PortraitEncoding | None = None,
+        mouth_rest_weights: np.ndarray | None = None,
     ) -> torch.Tensor:
         """One window of normalised motion latents [1, W, latent_dim].
 
@@ -444,7 +512,9 @@ class INFPPipeline(DiffusionPipeline):
             out = out_a + (g_a - 1)(out_a - out_uncond) + g_s (out_styled - out_a)
         where `out` is the transformer's prediction (clean latents or noise, as the scheduler's prediction_type
         says), out_a uses f_m without style and out_uncond drops f_m. The previous-window latents are kept in
-        every branch so guidance never pushes the motion away from continuity.
+        every branch so guidance never pushes the motion away from continuity. With `mouth_rest_weights` [W], the
+        guided prediction's lips are brought towards rest on the agent's silent frames at every step (`rest_mouth`,
+        which needs the `portrait`), so the remaining steps denoise around resting lips.
         """
         transformer = self.motion_transformer
         length = motion_features.shape[1]
@@ -475,6 +545,8 @@ class INFPPipeline(DiffusionPipeline):
                 model_output = model_output + (guidance_scale - 1.0) * (outputs[:1] - outputs[-1:])
             if styled:
                 model_output = model_output + style_guidance_scale * (outputs[1:2] - outputs[:1])
+            if mouth_rest_weights is not None:
+                model_output = self.with_rested_mouth(portrait, model_output, latents, t, mouth_rest_weights)
             latents = self.scheduler.step(model_output, t, latents, eta=eta, generator=generator).prev_sample
             if callback_on_step_end is not None:
                 local = {"latents": latents, "model_output": model_output}
@@ -547,6 +619,7 @@ class INFPPipeline(DiffusionPipeline):
         render_batch_size: int = 16,
         window_overlap: int | None = None,
         close_mouth: bool = True,
+        silent_mouth_rest: float = 1.0,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -571,6 +644,9 @@ class INFPPipeline(DiffusionPipeline):
                 to end, fastest; None: a fifth of the window, which hides the seams between windows).
             close_mouth: close a portrait's parted lips before animating it, so that it listens with a closed
                 mouth (the generated motion is relative to a face at rest; see `encode_portrait`).
+            silent_mouth_rest: how firmly the lips are held at rest where the agent's own track is silent (1: closed
+                there, easing in and out around its speech; 0: the mouth as the motion model generates it, which
+                keeps it parted in about half of the listening frames; see `rest_mouth`).
             output_type: "pil", "np", "pt" or "latent" (motion latents only, nothing rendered).
             callback_on_step_end: called as `fn(pipe, step, timestep, tensors)` after every denoising step
                 (steps are counted across windows); may return {"latents": ...} to replace them.
@@ -585,6 +661,7 @@ class INFPPipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}.")
+        check_silent_mouth_rest(silent_mouth_rest)
         window_overlap = self.resolve_window_overlap(window_overlap)
         # 1. Prepare inputs
         face = self.prepare_portrait(portrait, image_size)
@@ -594,15 +671,16 @@ class INFPPipeline(DiffusionPipeline):
         portrait_encoding = self.encode_portrait(face, close_mouth)
 
         # 2-3. Encode audio and guide
-        motion_features, plain_motion_features = self.motion_features_for(
+        motion_features, plain_motion_features, activity = self.motion_features_for(
             own_padded, partner_padded, padded_frames, style_vector
         )
+        mouth_rest_weights = self.silent_mouth_weights(activity[0], silent_mouth_rest)
 
         # 4. Denoise window by window; the first window continues from the portrait's own motion.
         motion_latents = self.denoise_windows(
             portrait_encoding, motion_features, plain_motion_features, num_inference_steps, guidance_scale,
             style_guidance_scale, generator, eta, window_overlap, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, mouth_rest_weights,
         )[:num_frames]  # fmt: skip
 
         mixed_audio = mix_tracks(own, partner)[: round(num_frames / self.fps * SAMPLE_RATE)]
@@ -647,6 +725,7 @@ class INFPPipeline(DiffusionPipeline):
         window_overlap: int | None = None,
         paste_back: bool = False,
         close_mouth: bool = True,
+        silent_mouth_rest: float = 1.0,
     ) -> Iterator[INFPStreamOutput]:
         """Generate while the audio arrives, one window at a time.
 
@@ -658,11 +737,12 @@ class INFPPipeline(DiffusionPipeline):
         computed from its own audio plus up to `audio_context` seconds before it, so the output is close to, not
         identical with, `__call__` on the whole tracks (identical when everything fits in one window). When the
         chunks end, the last partial window is padded with silence and cut back. With `paste_back`, frames are
-        the full portrait with the generated face pasted in, and `close_mouth` rests the portrait's lips, as in
-        `__call__`.
+        the full portrait with the generated face pasted in; `close_mouth` rests the portrait's lips and
+        `silent_mouth_rest` holds them at rest while the agent is silent, as in `__call__`.
         """
         if self.motion_guider is None or self.motion_transformer is None:
             raise ValueError("This pipeline has no audio-to-motion model: load a checkpoint with stage 2.")
+        check_silent_mouth_rest(silent_mouth_rest)
         window_overlap = self.resolve_window_overlap(window_overlap)
         transformer = self.motion_transformer
         window, num_prev = transformer.config.window_size, transformer.config.num_prev_frames
@@ -693,10 +773,12 @@ class INFPPipeline(DiffusionPipeline):
             first = max(0, start - context_samples)
             tracks = segments(first, end)
             context_frames = round((end - first) / samples_per_frame)
-            styled, plain = self.motion_features_for(*tracks, context_frames, style_vector)
+            styled, plain, activity = self.motion_features_for(*tracks, context_frames, style_vector)
+            weights = self.silent_mouth_weights(activity[0], silent_mouth_rest)
             latents = self.denoise_window(
                 styled[:, -window:], None if plain is None else plain[:, -window:], prev, num_inference_steps,
                 guidance_scale, style_guidance_scale, generator, eta, window_index, None, [], _NoProgress(),
+                portrait_encoding, None if weights is None else weights[-window:],
             )  # fmt: skip
             if held is not None:
                 latents = crossfade(held, latents)

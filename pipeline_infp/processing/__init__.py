@@ -7,6 +7,7 @@ from .audio import (
     load_audio,
     mix_tracks,
     pad_to_same_length,
+    silence_weights,
     voice_activity,
 )
 from .errors import (
@@ -19,6 +20,7 @@ from .errors import (
     VideoLoadError,
 )
 from .face import (
+    CLOSED_MOUTH_APERTURE,
     FaceCrop,
     FaceProcessor,
     FaceTrack,
@@ -44,6 +46,7 @@ from .mesh_warp import (
 from .video import audio_delay, read_audio_track, read_video, write_video
 
 __all__ = [
+    "CLOSED_MOUTH_APERTURE",
     "SAMPLE_RATE",
     "AudioLoadError",
     "AudioTooLongError",
@@ -79,6 +82,7 @@ __all__ = [
     "read_audio_track",
     "read_video",
     "retarget_landmarks",
+    "silence_weights",
     "voice_activity",
     "write_video",
 ]

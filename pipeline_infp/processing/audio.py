@@ -205,6 +205,21 @@ def voice_activity(
     return active.astype(np.float32)
 
 
+def silence_weights(activity: np.ndarray, ramp: int = 4) -> np.ndarray:
+    """Per frame, how far into a silence of the speaker it is, float32 [T] in [0, 1]: 0 on frames with voice
+    activity (`voice_activity` > 0.5), then rising by 1 / (ramp + 1) per frame of distance from the nearest such
+    frame, before and after, up to 1; all ones without any activity. Lips part a little before a word is heard
+    and close after it, so a constraint on silent frames should ease in and out rather than switch."""
+    active = np.asarray(activity, dtype=np.float64) > 0.5
+    frames = np.arange(len(active))
+    if not active.any():
+        return np.ones(len(active), dtype=np.float32)
+    last = np.maximum.accumulate(np.where(active, frames, -len(active) - ramp - 1))
+    following = np.minimum.accumulate(np.where(active, frames, 2 * len(active) + ramp + 1)[::-1])[::-1]
+    distance = np.minimum(frames - last, following - frames)
+    return np.clip(distance / (ramp + 1), 0.0, 1.0).astype(np.float32)
+
+
 def _fill_runs(mask: np.ndarray, value: bool, shorter_than: int) -> np.ndarray:
     """Flip interior runs of `value` shorter than `shorter_than` frames (gaps between speech are
     only filled when speech is on both sides; speech bursts anywhere are dropped)."""

@@ -503,24 +503,31 @@ def mouth_aperture(landmarks: np.ndarray) -> float | np.ndarray:
 
 
 def mouth_closing_motion(
-    landmarks: np.ndarray, basis: np.ndarray, target: float = CLOSED_MOUTH_APERTURE
+    landmarks: np.ndarray, basis: np.ndarray, target: float | np.ndarray = CLOSED_MOUTH_APERTURE
 ) -> np.ndarray:
-    """The smallest coefficients [K] over `basis` [K, 478 * 3] (landmark offsets in inter-ocular distances per
-    unit coefficient, `processing.landmark_offsets`) that bring the mesh's inner-lip gap (`mouth_aperture`) down
-    to `target`; zeros when the lips already meet. With a basis scaled to the spread of real facial motion this is
-    the most ordinary motion that closes these lips (jaw and lips together), not a pinch of the inner lip line."""
+    """The smallest coefficients [..., K] over `basis` [K, 478 * 3] (landmark offsets in inter-ocular distances per
+    unit coefficient, `processing.landmark_offsets`) that bring each mesh's ([..., 478, 3]) inner-lip gap down to
+    `target` inter-ocular distances; zeros where the lips already meet. With a basis scaled to the spread of real
+    facial motion this is the most ordinary motion that closes these lips (jaw and lips together), not a pinch of
+    the inner lip line.
+
+    The gap is measured along the face's downward axis (perpendicular to the eye line), signed: it is linear in the
+    coefficients, so one step lands on the target, and lips pushed past each other (a negative gap, which generated
+    motion can produce and real lips cannot) are brought back to meet (to -target) instead of being "closed"
+    from the wrong side, which is what `mouth_aperture`'s unsigned distance would ask for."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     basis = np.asarray(basis, dtype=np.float64).reshape(len(basis), -1, 3)
-    excess = float(mouth_aperture(landmarks)) - target
-    if excess <= 0:
-        return np.zeros(len(basis))
+    eye_line = landmarks[..., _EYE_OUTER_CORNERS[1], :2] - landmarks[..., _EYE_OUTER_CORNERS[0], :2]
+    inter_ocular = np.linalg.norm(eye_line, axis=-1)
+    down = np.stack([-eye_line[..., 1], eye_line[..., 0]], axis=-1) / np.maximum(inter_ocular, 1e-9)[..., None]
     upper, lower = np.array(_INNER_LIP_PAIRS).T
-    gaps = landmarks[upper, :2] - landmarks[lower, :2]
-    directions = gaps / np.linalg.norm(gaps, axis=-1, keepdims=True).clip(1e-9)
-    # Each gap measured along its own direction is linear in the coefficients (the norm is not where lips meet):
-    # the least-norm solution of one linear equation.
-    gradient = np.einsum("pd,kpd->k", directions, basis[:, upper, :2] - basis[:, lower, :2]) / len(upper)
-    return -gradient * excess / max(float(gradient @ gradient), 1e-12)
+    gap = np.einsum("...pd,...d->...", landmarks[..., lower, :2] - landmarks[..., upper, :2], down) / len(upper)
+    gap = gap / np.maximum(inter_ocular, 1e-9)
+    target = np.asarray(target, dtype=np.float64)
+    change = np.clip(gap, -target, target) - gap  # MediaPipe puts meeting lips a little past each other at times
+    gradient = np.einsum("kpd,...d->...k", basis[:, lower, :2] - basis[:, upper, :2], down) / len(upper)
+    step = change / np.maximum(np.einsum("...k,...k->...", gradient, gradient), 1e-12)
+    return gradient * np.asarray(step)[..., None]
 
 
 def eye_aperture(landmarks: np.ndarray) -> float | np.ndarray:

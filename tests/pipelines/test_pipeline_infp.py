@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from pipeline_infp import build_pipeline
 from pipeline_infp.processing import (
@@ -229,14 +230,24 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1
 
 
-def test_close_mouth_renders_the_same_motion_from_closed_lips(shared_data):
+@pytest.fixture(scope="module")
+def open_face(shared_data):
     with FaceProcessor() as processor:
-        open_face = processor.crop_portrait(shared_data / "portraits" / "liveportrait-driving-d9.jpg", size=IMAGE_SIZE)
+        return processor.crop_portrait(shared_data / "portraits" / "liveportrait-driving-d9.jpg", size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def jaw_pipe(open_face):
+    """The tiny random pipeline with a motion basis that spans a jaw closing, as one fitted on real motion does."""
     pipe = tiny_random_pipeline()
-    # A basis that spans a jaw closing, as one fitted on real motion does.
     jaw = torch.zeros(1, 478, 3)
     jaw[0, torch.from_numpy(open_face.landmarks[:, 1] > open_face.landmarks[14, 1] - 1), 1] = -0.5
     pipe.motion_encoder.fit_landmark_basis(torch.cat([jaw, torch.randn(8, 478, 3) * 1e-3]))
+    return pipe
+
+
+def test_close_mouth_renders_the_same_motion_from_closed_lips(jaw_pipe, open_face):
+    pipe = jaw_pipe
     assert pipe.encode_portrait(open_face).rest is None  # reenactment: the portrait as it is
     portrait = pipe.encode_portrait(open_face, close_mouth=True)
     geometry = pipe.motion_encoder.config.landmark_components
@@ -244,9 +255,69 @@ def test_close_mouth_renders_the_same_motion_from_closed_lips(shared_data):
     at_rest = pipe.motion_landmarks(open_face.landmarks, portrait.rest)[0]
     assert mouth_aperture(at_rest) < 0.5 * mouth_aperture(open_face.landmarks)
 
-    closed, as_is = (run(pipe, open_face, speech(0.6), close_mouth=close) for close in (True, False))
+    # (Without silent_mouth_rest, which holds the lips at the rest mesh's own gap wherever the voice pauses.)
+    closed, as_is = (
+        run(pipe, open_face, speech(0.6), close_mouth=close, silent_mouth_rest=0.0) for close in (True, False)
+    )
     torch.testing.assert_close(closed.motion_latents, as_is.motion_latents)  # same motion, rendered from rest
     assert np.abs(closed.frames - as_is.frames).max() > 0.05
+
+
+def test_silent_mouth_rest_holds_the_lips_at_rest_while_only_the_partner_speaks(jaw_pipe, open_face):
+    pipe = jaw_pipe
+    portrait = pipe.encode_portrait(open_face, close_mouth=True)
+    at_rest = mouth_aperture(pipe.motion_landmarks(open_face.landmarks, portrait.rest))[0]
+    own, partner = np.zeros(2 * SAMPLE_RATE, np.float32), speech(2.0, seed=2)
+
+    def apertures(latents: torch.Tensor) -> np.ndarray:
+        return mouth_aperture(pipe.motion_landmarks(open_face.landmarks, latents + portrait.rest))
+
+    free, half, held = (
+        apertures(run(pipe, open_face, own, partner, output_type="latent", silent_mouth_rest=s).motion_latents)
+        for s in (0.0, 0.5, 1.0)
+    )
+    streamed = torch.cat([
+        out.motion_latents
+        for out in pipe.stream(open_face, [(own, partner)], num_inference_steps=STEPS, image_size=IMAGE_SIZE,
+                               generator=torch.Generator().manual_seed(0))
+    ])  # fmt: skip
+    assert free.max() > at_rest + 0.1  # the random motion model opens the mouth while listening...
+    assert held.max() < at_rest + 0.015 and apertures(streamed).max() < at_rest + 0.015  # ...unless held at rest
+    assert held.mean() < half.mean() < free.mean()
+    with pytest.raises(ValueError, match="silent_mouth_rest must be a number from 0"):
+        run(pipe, open_face, own, partner, silent_mouth_rest=1.5)
+
+
+def test_silent_mouth_weights_follow_the_agents_own_voice(pipe):
+    activity = np.zeros(30, np.float32)
+    activity[10:20] = 1
+    weights = pipe.silent_mouth_weights(activity, 0.5)
+    assert weights[:5].tolist() == [0.5] * 5 and not weights[10:20].any() and 0 < weights[8] < 0.5
+    assert pipe.silent_mouth_weights(activity, 0) is None  # nothing to do: the generated motion as it is
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_rested_mouth_applies_to_the_clean_estimate_whatever_the_model_predicts(jaw_pipe, open_face, prediction_type):
+    pipe = jaw_pipe
+    scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type=prediction_type, clip_sample=False)
+    try:
+        pipe.scheduler.set_timesteps(10)
+        t = pipe.scheduler.timesteps[4]
+        portrait = pipe.encode_portrait(open_face, close_mouth=True)
+        generator = torch.Generator().manual_seed(0)
+        latent_dim = pipe.motion_transformer.config.latent_dim
+        latents, output = (torch.randn(1, 12, latent_dim, generator=generator) for _ in range(2))
+        weights = np.linspace(0, 1, 12)
+
+        def clean(model_output):
+            return pipe.scheduler.step(model_output, t, latents).pred_original_sample
+
+        adjusted = pipe.with_rested_mouth(portrait, output, latents, t, weights)
+        torch.testing.assert_close(clean(adjusted), pipe.rest_mouth(portrait, clean(output), weights))
+        assert not torch.allclose(clean(adjusted), clean(output))
+    finally:
+        pipe.scheduler = scheduler
 
 
 def test_render_batches_and_threads_do_not_change_the_frames(pipe, face):

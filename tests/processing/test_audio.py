@@ -15,6 +15,7 @@ from pipeline_infp.processing import (
     load_audio,
     mix_tracks,
     pad_to_same_length,
+    silence_weights,
     voice_activity,
 )
 
@@ -149,6 +150,17 @@ def test_voice_activity_on_speech_and_silence(speech):
     assert vad[speech_frames + 5 :].max() == 0  # digital silence after it
     assert not voice_activity(np.zeros(SAMPLE_RATE, np.float32), 25).any()
     assert voice_activity(speech[:SAMPLE_RATE], 50)[30:].max() == 0  # frames past the audio's end
+
+
+def test_silence_weights_ease_in_and_out_around_speech():
+    activity = np.zeros(20, np.float32)
+    activity[8:10] = 1
+    expected = [1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1, 1, 1]
+    np.testing.assert_allclose(silence_weights(activity, ramp=4), expected, atol=1e-6)
+    np.testing.assert_allclose(silence_weights(activity, ramp=0), 1 - activity)
+    assert silence_weights(np.zeros(5)).tolist() == [1.0] * 5  # only listening
+    assert not silence_weights(np.ones(5)).any()
+    assert silence_weights(np.zeros(0)).shape == (0,)
 
 
 def test_voice_activity_hangover():

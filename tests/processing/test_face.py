@@ -319,15 +319,29 @@ def test_mouth_closing_motion_is_the_least_motion_that_closes_the_lips(processor
     basis[2, [33, 263], 0] = 0.1  # the eyes: nothing to do with the mouth
     coefficients = mouth_closing_motion(open_mouth, basis.reshape(3, -1), target=0.01)
     closed = apply_landmark_offsets(open_mouth, np.einsum("k,knd->nd", coefficients, basis))
-    # From 0.47 to the target along each gap's direction; what is left is the lips' sideways offset.
+    # From 0.47 to the target along the face's downward axis; what is left is the lips' sideways offset.
     assert mouth_aperture(open_mouth) > 0.4 and mouth_aperture(closed) < 0.03
-    gaps = closed[[13, 82, 312], :2] - closed[[14, 87, 317], :2]
-    assert np.abs(gaps[:, 1]).mean() / iod < 0.012
+    eye_line = closed[263, :2] - closed[33, :2]
+    down = np.array([-eye_line[1], eye_line[0]]) / np.linalg.norm(eye_line)
+    gap = (closed[[14, 87, 317], :2] - closed[[13, 82, 312], :2]) @ down
+    assert gap.mean() / iod == pytest.approx(0.01, abs=1e-3)
     assert coefficients[2] == 0  # nothing spent elsewhere
     assert coefficients[0] == pytest.approx(2 * coefficients[1], rel=0.01)  # least norm: along the gradient
+    # Lips pushed past each other (as generated motion can) are brought back to meet, not opened further.
+    crossed = apply_landmark_offsets(open_mouth, np.einsum("k,knd->nd", 3 * coefficients, basis))
+    back = apply_landmark_offsets(crossed, np.einsum("k,knd->nd", mouth_closing_motion(crossed, basis), basis))
+    assert ((crossed[[14, 87, 317], :2] - crossed[[13, 82, 312], :2]) @ down).mean() < 0
+    assert ((back[[14, 87, 317], :2] - back[[13, 82, 312], :2]) @ down).mean() / iod == pytest.approx(-0.01, abs=1e-3)
     # Lips that already meet need nothing; a basis that cannot move them gives nothing rather than a blow-up.
     assert not mouth_closing_motion(crop.landmarks, basis.reshape(3, -1), target=0.05).any()
     assert not mouth_closing_motion(open_mouth, basis[2:].reshape(1, -1)).any()
+    # Meshes in a batch, each with its own target, get what each alone would.
+    meshes = np.stack([open_mouth, crop.landmarks, open_mouth])
+    batch = mouth_closing_motion(meshes, basis, np.array([0.01, 0.05, 0.2]))
+    assert batch.shape == (3, 3)
+    np.testing.assert_allclose(batch[0], coefficients)
+    assert not batch[1].any()
+    np.testing.assert_allclose(batch[2], mouth_closing_motion(open_mouth, basis, target=0.2))
 
 
 # --------------------------------------------------------------------------- video tracking
