@@ -512,7 +512,8 @@ def mouth_closing_motion(
     the inner lip line.
 
     The gap is measured along the face's downward axis (perpendicular to the eye line), signed: it is linear in the
-    coefficients, so one step lands on the target, and lips pushed past each other (a negative gap, which generated
+    coefficients (exactly so for motions that keep the eyes still), so one step lands on or near the target, and
+    lips pushed past each other (a negative gap, which generated
     motion can produce and real lips cannot) are brought back to meet (to -target) instead of being "closed"
     from the wrong side, which is what `mouth_aperture`'s unsigned distance would ask for."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
