@@ -421,6 +421,15 @@ def listening_fractions(record: dict) -> dict:
     }
 
 
+def mean_listening(fractions: list[dict]) -> dict:
+    """`listening_fractions` of several conversation sides averaged over the sides that have such frames."""
+    means = {}
+    for key in ("closed_mouth_listening", "rest_mouth_listening"):
+        values = [f[key] for f in fractions if f[key] is not None]
+        means[key] = float(np.mean(values)) if values else None
+    return means
+
+
 def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dict]:
     """The table's row per method, and per method the per-clip lip sync behind its two mouth columns
     (`{"lag 0": [(corr, 0)], "searched": [(corr, lag)]}`, in talking-clip order)."""
@@ -468,10 +477,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
             "mouth_corr_lag_searched": float(np.mean([c for c, _ in lip_sync[method]["searched"]])),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
-        fractions = [listening_fractions(r) for r in dual]
-        for key in ("closed_mouth_listening", "rest_mouth_listening"):
-            values = [f[key] for f in fractions if f[key] is not None]
-            row[key] = float(np.mean(values)) if values else None
+        row |= mean_listening([listening_fractions(r) for r in dual])
         every = compared + dual
         row["state_accuracy"] = float(np.mean(np.concatenate([
             speaking_state(r["mouth"], fps) == (r["own_vad"] > 0.5) for r in every
@@ -486,7 +492,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
 def run_sweep(pipe, items, sides, read, space, args) -> list[dict]:
     """Over DDIM steps × guidance: FD, mouth correlation on speech and state accuracy of the generated motion on
     the talking `items`, and where only the partner speaks in the conversation `sides`, the closed and rest mouth
-    fractions (what guidance trades against lip sync: more of it opens the mouth while listening)."""
+    fractions (`listening_fractions`; with `--silent-mouth-rest 0`, what more guidance costs while listening)."""
     truth = [space.transform(item["landmarks"]) for item in items]
     rests = [float(mouth_aperture(read(side["portrait"].image[None])[0][0])) for side in sides]
     rows = []
@@ -505,21 +511,17 @@ def run_sweep(pipe, items, sides, read, space, args) -> list[dict]:
             )
             mouth_corr.append(correlation)
             accuracy.append(np.mean(speaking_state(mouth, pipe.fps) == (vad > 0.5)))
-        closed, at_rest = [], []
+        listening = []
         for side, rest in zip(sides, rests):
             frames, _ = generate(pipe, side["portrait"], side["audio"], side["partner"], steps, guidance, args)
-            mouth = mouth_aperture(read(frames)[0])
-            listening = (voice_activity(side["audio"], len(frames), fps=pipe.fps) < 0.5) & (
-                voice_activity(side["partner"], len(frames), fps=pipe.fps) > 0.5
-            )
-            if listening.any():
-                closed.append(closed_mouth_fraction(mouth, listening))
-                at_rest.append(closed_mouth_fraction(mouth - rest, listening))
+            listening.append(listening_fractions({
+                "mouth": mouth_aperture(read(frames)[0]), "rest_mouth": rest,
+                "own_vad": voice_activity(side["audio"], len(frames), fps=pipe.fps),
+                "partner_vad": voice_activity(side["partner"], len(frames), fps=pipe.fps),
+            }))  # fmt: skip
         fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
         rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
-                     "state_accuracy": float(np.mean(accuracy)),
-                     "closed_mouth_listening": float(np.mean(closed)) if closed else None,
-                     "rest_mouth_listening": float(np.mean(at_rest)) if at_rest else None})  # fmt: skip
+                     "state_accuracy": float(np.mean(accuracy))} | mean_listening(listening))  # fmt: skip
     return rows
 
 
