@@ -20,7 +20,7 @@ import torch
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.motion_metrics import speaking_state
-from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE, DEFAULT_SILENT_MOUTH_REST
 from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
@@ -225,7 +225,8 @@ generate = spaces.GPU(duration=gpu_seconds)(_generate) if spaces is not None els
 def generate_example(portrait, own_audio, partner_audio):
     """The examples with the default settings: the whole video and the timeline."""
     *_, (_, video, timeline) = generate(portrait, TWO_TRACKS, own_audio, partner_audio, None, SPEAKERS[0], NO_STYLE,
-                                        None, 20, DEFAULT_GUIDANCE_SCALE, 1.0, 0, 256, False)  # fmt: skip
+                                        None, 20, DEFAULT_GUIDANCE_SCALE, DEFAULT_SILENT_MOUTH_REST, 0, 256,
+                                        False)  # fmt: skip
     return video, timeline
 
 
@@ -284,7 +285,7 @@ def build_demo(pipe: INFPPipeline | None = None) -> gr.Blocks:
                     steps = gr.Slider(5, 50, value=20, step=1, label="Denoising steps")
                     guidance_scale = gr.Slider(1.0, 5.0, DEFAULT_GUIDANCE_SCALE, step=0.1, label="Guidance scale")
                     silent_mouth_rest = gr.Slider(
-                        0.0, 1.0, 1.0, step=0.1, label="Lips at rest while the agent is silent",
+                        0.0, 1.0, DEFAULT_SILENT_MOUTH_REST, step=0.1, label="Lips at rest while the agent is silent",
                         info="1: closed while it listens; 0: the mouth as the motion model makes it",
                     )  # fmt: skip
                     seed = gr.Number(0, precision=0, label="Seed")

@@ -408,6 +408,9 @@ def mouth_correlations(records: list[dict], truth: list[dict], max_lag: int = 0)
     return correlations
 
 
+LISTENING_KEYS = ("closed_mouth_listening", "rest_mouth_listening")
+
+
 def listening_fractions(record: dict) -> dict:
     """Where only the partner speaks, the fraction of frames with a closed mouth (an inner-lip gap under 0.05
     inter-ocular distances) and with the mouth at rest (opened by less than that beyond the portrait's own mouth: a
@@ -421,11 +424,20 @@ def listening_fractions(record: dict) -> dict:
     }
 
 
-def mean_listening(fractions: list[dict]) -> dict:
-    """`listening_fractions` of several conversation sides averaged over the sides that have such frames."""
+def side_listening(mouth: np.ndarray, rest_mouth: float, own: np.ndarray, partner: np.ndarray, fps: float) -> dict:
+    """`listening_fractions` of one conversation side's generated mouth [T], from its two tracks."""
+    return listening_fractions({
+        "mouth": mouth, "rest_mouth": rest_mouth, "own_vad": voice_activity(own, len(mouth), fps=fps),
+        "partner_vad": voice_activity(partner, len(mouth), fps=fps),
+    })  # fmt: skip
+
+
+def mean_over_items(rows: list[dict], keys) -> dict:
+    """Per key, the mean over the rows that have a value (absent, None or NaN: a side where the partner never
+    speaks alone has no listening figure); None when no row has one."""
     means = {}
-    for key in ("closed_mouth_listening", "rest_mouth_listening"):
-        values = [f[key] for f in fractions if f[key] is not None]
+    for key in keys:
+        values = [r[key] for r in rows if r.get(key) is not None and not np.isnan(r[key])]
         means[key] = float(np.mean(values)) if values else None
     return means
 
@@ -477,7 +489,7 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
             "mouth_corr_lag_searched": float(np.mean([c for c, _ in lip_sync[method]["searched"]])),
             "blinks_per_min": float(np.mean([blinks_per_minute(r["eye"], fps) for r in compared])),
         }
-        row |= mean_listening([listening_fractions(r) for r in dual])
+        row |= mean_over_items([listening_fractions(r) for r in dual], LISTENING_KEYS)
         every = compared + dual
         row["state_accuracy"] = float(np.mean(np.concatenate([
             speaking_state(r["mouth"], fps) == (r["own_vad"] > 0.5) for r in every
@@ -514,14 +526,13 @@ def run_sweep(pipe, items, sides, read, space, args) -> list[dict]:
         listening = []
         for side, rest in zip(sides, rests):
             frames, _ = generate(pipe, side["portrait"], side["audio"], side["partner"], steps, guidance, args)
-            listening.append(listening_fractions({
-                "mouth": mouth_aperture(read(frames)[0]), "rest_mouth": rest,
-                "own_vad": voice_activity(side["audio"], len(frames), fps=pipe.fps),
-                "partner_vad": voice_activity(side["partner"], len(frames), fps=pipe.fps),
-            }))  # fmt: skip
+            listening.append(
+                side_listening(mouth_aperture(read(frames)[0]), rest, side["audio"], side["partner"], pipe.fps)
+            )
         fd = frechet_distance(np.concatenate(features), np.concatenate(truth))
-        rows.append({"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
-                     "state_accuracy": float(np.mean(accuracy))} | mean_listening(listening))  # fmt: skip
+        row = {"steps": steps, "guidance_scale": guidance, "fd": fd, "mouth_corr": float(np.mean(mouth_corr)),
+               "state_accuracy": float(np.mean(accuracy))}  # fmt: skip
+        rows.append(row | mean_over_items(listening, LISTENING_KEYS))
     return rows
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,15 +26,17 @@ from tqdm.auto import tqdm
 
 from pipeline_infp.evaluate import _machine, _round, read_manifest, write_json
 from pipeline_infp.evaluate_motion import (
+    LISTENING_KEYS,
     _table,
     add_generation_arguments,
     conversation_items,
     first_frame_face,
     load_motion_pipeline,
+    mean_over_items,
     mouth_correlations,
+    side_listening,
     track_items,
 )
-from pipeline_infp.motion_metrics import closed_mouth_fraction
 from pipeline_infp.processing import FaceProcessor, mouth_aperture, voice_activity
 
 logger = logging.getLogger(__name__)
@@ -69,20 +70,12 @@ def screen_item(pipe, item: dict, args) -> dict:
         return {"id": item["id"], "kind": "talking", "mouth_corr": corr, "mouth_corr_lag_searched": searched,
                 "lag": lag}  # fmt: skip
     mouth, rest = driven_mouth(pipe, item["portrait"], item["audio"], item["partner"], args)
-    own_vad = voice_activity(item["audio"], len(mouth), fps=pipe.fps)
-    partner_vad = voice_activity(item["partner"], len(mouth), fps=pipe.fps)
-    listening = (own_vad < 0.5) & (partner_vad > 0.5)
-    return {"id": item["id"], "kind": "dual", "closed_mouth_listening": closed_mouth_fraction(mouth, listening),
-            "rest_mouth_listening": closed_mouth_fraction(mouth - rest, listening)}  # fmt: skip
+    return {"id": item["id"], "kind": "dual"} | side_listening(mouth, rest, item["audio"], item["partner"], pipe.fps)
 
 
 def summarise_screen(rows: list[dict]) -> dict:
-    """Means over the items that have each figure (a side where the partner never speaks alone has none)."""
-    summary = {}
-    for key in ("mouth_corr", "mouth_corr_lag_searched", "closed_mouth_listening", "rest_mouth_listening"):
-        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
-        summary[key] = float(np.mean(values)) if values else None
-    return summary
+    """Means over the items that have each figure."""
+    return mean_over_items(rows, ("mouth_corr", "mouth_corr_lag_searched", *LISTENING_KEYS))
 
 
 def run_screen(args: argparse.Namespace) -> dict:

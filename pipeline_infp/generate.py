@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE, INFPPipeline
+from pipeline_infp.pipeline_infp import DEFAULT_GUIDANCE_SCALE, DEFAULT_SILENT_MOUTH_REST, INFPPipeline
 from pipeline_infp.presets import build_pipeline
 from pipeline_infp.processing import INFPInputError, load_audio, write_video
 from pipeline_infp.processing.diarize import conversation_tracks
@@ -28,9 +28,9 @@ def add_silent_mouth_argument(parser: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
         return value
 
-    parser.add_argument("--silent-mouth-rest", type=strength, default=1.0,
-                        help="how firmly the lips rest while the agent's own track is silent: 1 closed (default), "
-                             "0 as the motion model generates them")  # fmt: skip
+    parser.add_argument("--silent-mouth-rest", type=strength, default=DEFAULT_SILENT_MOUTH_REST,
+                        help="how firmly the lips rest while the agent's own track is silent: 1 closed, 0 as the "
+                             "motion model generates them (default %(default)s)")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:

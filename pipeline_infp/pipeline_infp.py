@@ -75,6 +75,9 @@ class INFPPipelineOutput(BaseOutput):
 # (model card), where more guidance sharpens lip sync little but opens the mouth while listening and less makes
 # the motion too uniform.
 DEFAULT_GUIDANCE_SCALE = 2.0
+# Lips held at rest wherever the agent's own track is silent (`rest_mouth`): the motion model alone keeps them parted
+# in a third of the frames where only the partner speaks.
+DEFAULT_SILENT_MOUTH_REST = 1.0
 
 COMPONENT_CLASSES = {
     "audio_encoder": "AudioEncoder",
@@ -304,13 +307,19 @@ class INFPPipeline(DiffusionPipeline):
             rest=self.rest_motion(landmarks).to(latent) if close_mouth else None,
         )  # fmt: skip
 
+    def geometry_basis(self) -> np.ndarray:
+        """Landmark offsets (inter-ocular distances) per unit of each geometric latent value [K, 478 * 3]: the
+        motion encoder's principal motions scaled to their spread, so least-norm coefficients over it are the most
+        ordinary motions (`mouth_closing_motion`)."""
+        encoder = self.motion_encoder
+        return (encoder.landmark_basis.double() * encoder.landmark_scale.double()[:, None]).cpu().numpy()
+
     def rest_motion(self, landmarks: np.ndarray) -> torch.Tensor:
         """The motion latent [1, latent_dim] that brings a face mesh [478, 3] with parted lips to rest: the most
         ordinary mesh motion that closes them (`mouth_closing_motion`; zero for closed lips), no appearance change."""
-        encoder = self.motion_encoder
-        basis = encoder.landmark_basis.double() * encoder.landmark_scale.double()[:, None]
-        rest = torch.zeros(1, encoder.config.latent_dim)
-        rest[0, : len(basis)] = torch.from_numpy(mouth_closing_motion(landmarks, basis.cpu().numpy()))
+        basis = self.geometry_basis()
+        rest = torch.zeros(1, self.motion_encoder.config.latent_dim)
+        rest[0, : len(basis)] = torch.from_numpy(mouth_closing_motion(landmarks, basis))
         return rest
 
     @torch.no_grad()
@@ -401,18 +410,16 @@ class INFPPipeline(DiffusionPipeline):
         The motion model learnt listening from footage whose mouths hang open about half the time while not
         speaking (model card), so on its own it keeps the lips parted in a third of the frames where only the
         partner speaks; applied to the clean-latent estimate at every denoising step this brings them to rest."""
-        transformer, encoder = self.motion_transformer, self.motion_encoder
-        num_components = encoder.config.landmark_components
+        transformer, basis = self.motion_transformer, self.geometry_basis()
         motion = transformer.denormalize_latents(latents.float())[0].cpu()
         rest = torch.zeros_like(motion[:1]) if portrait.rest is None else portrait.rest.float().cpu()
-        basis = (encoder.landmark_basis.double().cpu() * encoder.landmark_scale.double().cpu()[:, None]).numpy()
         target = max(CLOSED_MOUTH_APERTURE, float(mouth_aperture(self.motion_landmarks(portrait.landmarks, rest)[0])))
         closed = motion.clone()
         # Linear in the mesh, not quite in the latents (geometry clamped to ±MAX_GEOMETRY, the eyes move too):
         # on random motion the third step is within 1e-4 inter-ocular distances of the target.
         for _ in range(3):
             meshes = self.motion_landmarks(portrait.landmarks, closed + rest)
-            closed[:, :num_components] += torch.from_numpy(mouth_closing_motion(meshes, basis, target)).to(closed)
+            closed[:, : len(basis)] += torch.from_numpy(mouth_closing_motion(meshes, basis, target)).to(closed)
         weights = torch.as_tensor(np.asarray(weights), dtype=motion.dtype)[:, None]
         motion = motion + weights * (closed - motion)
         return transformer.normalize_latents(motion.to(latents.device))[None].to(latents.dtype)
@@ -621,7 +628,7 @@ class INFPPipeline(DiffusionPipeline):
         render_batch_size: int = 16,
         window_overlap: int | None = None,
         close_mouth: bool = True,
-        silent_mouth_rest: float = 1.0,
+        silent_mouth_rest: float = DEFAULT_SILENT_MOUTH_REST,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -727,7 +734,7 @@ class INFPPipeline(DiffusionPipeline):
         window_overlap: int | None = None,
         paste_back: bool = False,
         close_mouth: bool = True,
-        silent_mouth_rest: float = 1.0,
+        silent_mouth_rest: float = DEFAULT_SILENT_MOUTH_REST,
     ) -> Iterator[INFPStreamOutput]:
         """Generate while the audio arrives, one window at a time.
 
