@@ -9,7 +9,9 @@
     the output is compared with the real frame over the 256² face crop (SSIM, PSNR, L1). With `--crop fixed`
     (default) every frame is cut with the source frame's crop, as the pipeline animates a portrait: the head
     moves inside a still frame. `--crop tracked` cuts each frame around its own face (smoothed over 0.5 s),
-    so the background moves instead;
+    so the background moves instead. SSIM is also given per region of the real frame (`face_regions`): inside
+    its face mesh, around it (hair, ears, neck) and elsewhere (torso, background), because a renderer driven by
+    a face mesh can only be expected to get the first two right;
   * cross-identity: every `portrait` of the manifest is driven by the first `--cross-frames` frames of each
     of those clips; MediaPipe runs on the output frames, and the driver's and the output's mouth- and
     eye-aperture series are correlated (Pearson), with the fraction of output frames where a face is found.
@@ -55,7 +57,7 @@ from pipeline_infp.processing import (
     mouth_aperture,
 )
 from pipeline_infp.processing.face import crop_to_crop, smoothed_crop_matrices, warp_to_crop
-from pipeline_infp.processing.mesh_warp import mesh_warp, prior_warp, retarget_landmarks
+from pipeline_infp.processing.mesh_warp import mesh_flow, mesh_warp, prior_warp, retarget_landmarks
 from pipeline_infp.processing.video import VideoStream
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,10 @@ PSNR_CAP = 100.0  # dB, for identical images (MSE 0)
 # to ~12 min; `--cross-portraits all` for every portrait.
 DEFAULT_CROSS_PORTRAITS = 12
 FACE_FOUND_MIN = 0.99  # the renderer's output must keep a detectable face in at least this fraction of frames
+# SSIM is also reported per region of the real frame (`face_regions`): inside the face mesh, around it, elsewhere.
+# Torso and background motion ("elsewhere") is not in the driving signal, so its share bounds every renderer.
+REGIONS = ("face", "around", "elsewhere")
+AROUND = 0.125  # of the crop side (32 px at 256², where the crop is 1.8x the face): hair, ears, neck
 
 # --------------------------------------------------------------------------------------------- metrics
 # The evaluation compares uint8 frames, so its metrics are numpy/OpenCV versions of `pipeline_infp.metrics`
@@ -102,6 +108,13 @@ def ssim(x: np.ndarray, y: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
     batch in one call, in float32, with second moments taken about each image's mean so the rounding error
     stays ~1e-6.
     """
+    return ssim_maps(x, y, window, sigma).mean(axis=(1, 2))
+
+
+def ssim_maps(x: np.ndarray, y: np.ndarray, window: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """`ssim`'s value at every position where the window fits, averaged over channels: float64
+    [B, H − window + 1, W − window + 1] (position (i, j) is the window centred on pixel (i + window // 2,
+    j + window // 2)). Its mean over positions is `ssim`."""
     x, y = _pair(x, y)
     num, height, width, channels = x.shape
     if min(height, width) < window:
@@ -133,7 +146,31 @@ def ssim(x: np.ndarray, y: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
     var_x, var_y, cov = xx - dx * dx, yy - dy * dy, xy - dx * dy
     c1, c2 = 0.01**2, 0.03**2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
-    return ssim_map.reshape(-1, num, channels).mean(axis=(0, 2), dtype=np.float64)
+    per_image = ssim_map.reshape(*ssim_map.shape[:2], num, channels).mean(axis=3, dtype=np.float64)
+    return per_image.transpose(2, 0, 1)
+
+
+def face_regions(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Labels uint8 [size, size] of a frame's pixels by what a face mesh can tell about them: 0 inside the mesh
+    (mouth included), 1 within `AROUND` × size of it (hair, ears, neck, the background a moving head uncovers),
+    2 elsewhere (torso and background). landmarks: [478, 3] pixel coordinates in the crop."""
+    _, mask = mesh_flow(landmarks, landmarks, size, fill_mouth=True)
+    distance = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 5)
+    return np.where(mask > 0, 0, np.where(distance <= AROUND * size, 1, 2)).astype(np.uint8)
+
+
+def region_ssim(maps: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean SSIM of each `REGIONS` label per image from `ssim_maps` [B, h, w] and `face_regions` labels [B, H, W],
+    with the number of window positions each averages: ([B, 3] float64, NaN where a region is empty; [B, 3]
+    int64). A position belongs to its window's centre pixel, so the count-weighted mean of the regions is `ssim`."""
+    half = (labels.shape[1] - maps.shape[1]) // 2
+    centres = np.asarray(labels)[:, half : half + maps.shape[1], half : half + maps.shape[2]]
+    bins = (np.arange(len(maps))[:, None, None] * len(REGIONS) + centres).ravel()
+    shape = (len(maps), len(REGIONS))
+    counts = np.bincount(bins, minlength=shape[0] * shape[1]).reshape(shape)
+    sums = np.bincount(bins, weights=maps.ravel(), minlength=shape[0] * shape[1]).reshape(shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan), counts
 
 
 def _squared_and_absolute_error(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -359,6 +396,12 @@ def _motion_scores(found, mouth, eye, driver_mouth, driver_eye) -> dict:
     }
 
 
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a region can be empty in a frame), NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _round(value, digits: int = 5):
     if isinstance(value, dict):
         return {k: _round(v, digits) for k, v in value.items()}
@@ -390,7 +433,9 @@ def self_reenactment(
         if args.crop == "fixed":
             track = track.fixed()
     methods = ["static", "mesh warp", "prior warp"] + (["renderer"] if renderer is not None else [])
-    per_frame = {m: {"ssim": [], "psnr": [], "l1": []} for m in methods}
+    region_keys = [f"ssim_{region}" for region in REGIONS]
+    per_frame = {m: {"ssim": [], "psnr": [], "l1": [], **{k: [] for k in region_keys}} for m in methods}
+    region_area = []
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
     source = source_lm = portrait = None
     reconstruction = {}
@@ -438,9 +483,14 @@ def self_reenactment(
             with timer("self: renderer"):
                 outputs["renderer"] = renderer.render(portrait, renderer.encode_motion(crops, landmarks, source_lm))
         with timer("self: metrics"):
+            labels = np.stack([face_regions(lm, args.size) for lm in landmarks])
+            region_area += [np.bincount(lab.ravel(), minlength=len(REGIONS)) / lab.size for lab in labels]
             for method, frames in outputs.items():
                 frames = np.ascontiguousarray(frames)
-                per_frame[method]["ssim"] += ssim(frames, crops).tolist()
+                maps = ssim_maps(frames, crops)
+                per_frame[method]["ssim"] += maps.mean(axis=(1, 2)).tolist()
+                for key, values in zip(region_keys, region_ssim(maps, labels)[0].T):
+                    per_frame[method][key] += values.tolist()
                 per_frame[method]["psnr"] += psnr(frames, crops).tolist()
                 per_frame[method]["l1"] += l1(frames, crops).tolist()
     bar.close()
@@ -453,10 +503,8 @@ def self_reenactment(
         "frames_dropped": track.dropped,
         "driving_frames": int(len(track.indices) - 1),
         "source_frame": int(track.indices[0]),
-        "methods": {
-            m: {k: (float(np.mean(v)) if v else float("nan")) for k, v in series.items()}
-            for m, series in per_frame.items()
-        },
+        "methods": {m: {k: _finite_mean(v) for k, v in series.items()} for m, series in per_frame.items()},
+        "region_area": dict(zip(REGIONS, np.mean(region_area, axis=0).tolist())) if region_area else None,
         "source_reconstruction": reconstruction,
         "per_frame": {"frame_index": track.indices[1:].tolist(), **per_frame},
     }
@@ -550,7 +598,7 @@ def _summarise(clips: list[dict], pairs: list[dict]) -> dict:
     for method in METHODS:
         row = {}
         per_clip = [c["methods"][method] for c in clips if method in c["methods"]]
-        for key in ("ssim", "psnr", "l1"):
+        for key in ("ssim", "psnr", "l1", *(f"ssim_{region}" for region in REGIONS)):
             values = [v[key] for v in per_clip if math.isfinite(v[key])]
             row[key] = float(np.mean(values)) if values else None
         scores = [p["methods"][method] for p in pairs if method in p["methods"]]
@@ -564,11 +612,19 @@ def _summarise(clips: list[dict], pairs: list[dict]) -> dict:
     return summary
 
 
+def _area_note(clips: list[dict]) -> str:
+    areas = [c["region_area"] for c in clips if c.get("region_area")]
+    if not areas:
+        return "no frames"
+    return " / ".join(f"{np.mean([a[r] for a in areas]):.0%}" for r in REGIONS)
+
+
 def format_table(summary: dict, note: str = "") -> str:
     columns = [
         ("SSIM ↑", "ssim", "{:.4f}"),
         ("PSNR ↑", "psnr", "{:.2f}"),
         ("L1 ↓", "l1", "{:.4f}"),
+        *((f"SSIM {region} ↑", f"ssim_{region}", "{:.4f}") for region in REGIONS),
         ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
         ("eye corr ↑", "eye_corr", "{:+.3f}"),
         ("face found", "face_found", "{:.1%}"),
@@ -655,6 +711,8 @@ def run_reenactment(args: argparse.Namespace) -> dict:
     note = (
         f"Self-reenactment (SSIM, PSNR, L1 at {args.size}² over the {args.crop} face crop, mean of per-clip means): "
         f"{len(clip_results)} clips, {sum(c['driving_frames'] for c in clip_results)} driving frames. "
+        f"SSIM by region of the real frame: inside its face mesh, within {AROUND:g} x the crop side of it, "
+        f"elsewhere ({_area_note(clip_results)} of the crop on average). "
         f"Cross-identity (Pearson correlation of driver vs output mouth/eye aperture measured by MediaPipe, "
         f"mean over pairs; a constant output series counts as 0, so `static` is 0 by construction): "
         f"{len(portraits)} portraits x {len(clip_results)} clips, first {args.cross_frames} frames. "

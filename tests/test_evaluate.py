@@ -12,15 +12,20 @@ from scipy.ndimage import gaussian_filter
 
 from pipeline_infp import build_pipeline, metrics
 from pipeline_infp.evaluate import (
+    AROUND,
+    REGIONS,
     Entry,
+    face_regions,
     format_table,
     l1,
     main,
     pearson,
     psnr,
+    region_ssim,
     select_clips,
     spread,
     ssim,
+    ssim_maps,
     track_clip,
 )
 from pipeline_infp.processing import FaceProcessor, apply_matrix, read_video
@@ -106,6 +111,36 @@ def test_a_brightness_shift_lowers_ssim_by_the_luminance_term_only():
     mu = gaussian_filter(x, 1.5, truncate=3.5)[5:-5, 5:-5]
     expected = ((2 * mu * (mu + shift) + C1) / (mu**2 + (mu + shift) ** 2 + C1)).mean()
     assert got < 0.99 and got == pytest.approx(expected, abs=1e-5)
+
+
+def test_ssim_maps_average_to_ssim_and_regions_weighted_by_their_counts_too():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(2, 40, 48, 3), dtype=np.uint8)
+    y = np.clip(x.astype(int) + rng.integers(-40, 40, size=x.shape), 0, 255).astype(np.uint8)
+    maps = ssim_maps(x, y)
+    assert maps.shape == (2, 30, 38)
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), ssim(x, y), atol=1e-9)
+    labels = rng.integers(0, 2, size=(2, 40, 48)).astype(np.uint8)  # no "elsewhere" pixel
+    labels[0, 20, 24] = 2  # one, at a window centre of the first image
+    means, counts = region_ssim(maps, labels)
+    assert counts.sum(axis=1).tolist() == [30 * 38] * 2 and counts[:, 2].tolist() == [1, 0]
+    assert means[0, 2] == pytest.approx(maps[0, 15, 19]) and np.isnan(means[1, 2])
+    weighted = np.nansum(means * counts, axis=1) / counts.sum(axis=1)
+    np.testing.assert_allclose(weighted, ssim(x, y), atol=1e-9)
+
+
+def test_face_regions_follow_the_face_mesh(shared_data):
+    with FaceProcessor() as processor:
+        crop = processor.crop_portrait(shared_data / "portraits" / f"{PORTRAIT}.jpg", size=256)
+    labels = face_regions(crop.landmarks, 256)
+    assert labels.shape == (256, 256) and set(np.unique(labels)) == {0, 1, 2}
+    nose, forehead = crop.landmarks[1, :2].round().astype(int), crop.landmarks[10, :2]
+    assert labels[nose[1], nose[0]] == 0
+    above = (forehead + [0, -AROUND * 256 / 2]).round().astype(int)  # half the band above the mesh's top
+    assert labels[above[1], above[0]] == 1
+    assert labels[0, 0] == labels[255, 255] == 2  # the crop is 1.8x the face: its corners are far from it
+    area = np.bincount(labels.ravel(), minlength=len(REGIONS)) / labels.size
+    assert 0.1 < area[0] < 0.5 and 0.1 < area[1] < 0.5
 
 
 def test_metrics_agree_with_the_shared_torch_metrics(shared_data):
@@ -238,8 +273,12 @@ def test_evaluation_json_structure(evaluation):
         assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 10 and 0 <= metrics["l1"] < 0.5
         assert len(clip["per_frame"][method]["ssim"]) == 6
         assert np.mean(clip["per_frame"][method]["psnr"]) == pytest.approx(metrics["psnr"], abs=1e-3)
+        for region in REGIONS:  # every region is present in these frames
+            assert len(clip["per_frame"][method][f"ssim_{region}"]) == 6 and 0 < metrics[f"ssim_{region}"] <= 1
         summary = results["summary"][method]
         assert summary["ssim"] == pytest.approx(metrics["ssim"], abs=1e-5) and summary["clips"] == 1
+        assert summary["ssim_face"] == pytest.approx(metrics["ssim_face"], abs=1e-5)
+    assert sum(clip["region_area"].values()) == pytest.approx(1) and "SSIM around" in results["table"]
 
     [pair] = results["cross_identity"]  # the blank portrait is skipped, not fatal
     assert [p["id"] for p in results["skipped"]["portraits"]] == ["blank"] and results["portraits"] == [PORTRAIT]

@@ -105,6 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(PRESETS), default="cpu", help="preset; flags below override it")
     parser.add_argument("--renderer", choices=["tiny", "base"], help="renderer size preset")
     parser.add_argument("--init_from", help="pipeline folder whose renderer weights to start from")
+    parser.add_argument(
+        "--freeze",
+        nargs="+",
+        choices=RENDERER,
+        default=[],
+        help="renderer components to keep as they are; --freeze motion_encoder when fine-tuning a checkpoint whose "
+        "stage-2 motion model was trained on its motion latents (they stay valid)",
+    )
     parser.add_argument("--resolution", type=int, help="renderer working resolution (and training image size)")
     parser.add_argument("--train_batch_size", type=int)
     parser.add_argument("--max_train_steps", type=int)
@@ -527,8 +535,13 @@ def main(argv=None):
         samples = torch.from_numpy(dataset.landmark_offset_samples(args.basis_samples, args.seed))
         kept = renderer.motion_encoder.fit_landmark_basis(samples)
         logger.info("Landmark basis fitted on %d pairs: it keeps %.2f%% of the motion", len(samples), 100 * kept)
+    for name in args.freeze:
+        getattr(renderer, name).requires_grad_(False)
+    trainable = [p for p in renderer.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train.")
     discriminator = MultiScaleDiscriminator()
-    optimizer = torch.optim.AdamW(renderer.parameters(), lr=args.learning_rate, betas=(0.5, 0.999), weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(0.5, 0.999), weight_decay=1e-4)
     optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.999))
     renderer, discriminator, optimizer, optimizer_d, loader = accelerator.prepare(
         renderer, discriminator, optimizer, optimizer_d, loader
@@ -573,7 +586,7 @@ def main(argv=None):
                 logs.update(g_adv=adversarial.item(), feature_matching=matching.item())
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(renderer.parameters(), 1.0)
+        accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
 
         if use_gan:

@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.processing import FaceProcessor
 from training.prepared import PreparedDataset
-from training.train_head_imitation import HeadImitationDataset, main, reframe, synthetic_driving
+from training.train_head_imitation import RENDERER, HeadImitationDataset, main, reframe, synthetic_driving
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_head_imitation.py"
@@ -96,6 +97,21 @@ def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
     resumed = INFPPipeline.from_pretrained(tmp_path / "pipeline")
     before, after = pipe.face_decoder.state_dict(), resumed.face_decoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tmp_path):
+    main(tiny_args(data_dir, tmp_path / "first", "--max_train_steps", "2"))
+    first = tmp_path / "first" / "pipeline"
+    main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
+                   "--learning_rate", "1e-2", "--max_train_steps", "2"))  # fmt: skip
+    before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
+    kept, tuned = before.motion_encoder.state_dict(), after.motion_encoder.state_dict()
+    assert kept.keys() == tuned.keys() and all(torch.equal(kept[k], tuned[k]) for k in kept)
+    decoder_before, decoder_after = before.face_decoder.state_dict(), after.face_decoder.state_dict()
+    assert any(not torch.equal(decoder_before[k], decoder_after[k]) for k in decoder_before)
+
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        main(tiny_args(data_dir, tmp_path / "none", "--freeze", *RENDERER))
 
 
 def test_runs_as_two_processes_with_accelerate(data_dir, tmp_path):
