@@ -11,7 +11,8 @@
     moves inside a still frame. `--crop tracked` cuts each frame around its own face (smoothed over 0.5 s),
     so the background moves instead. SSIM is also given per region of the real frame (`face_regions`): inside
     its face mesh, around it (hair, ears, neck) and elsewhere (torso, background), because a renderer driven by
-    a face mesh can only be expected to get the first two right;
+    a face mesh can only be expected to get the first two right; and LMD, how far MediaPipe's mesh on the output
+    lies from the real frame's (face and lips, every 5th frame): whether the geometry it was given is drawn;
   * cross-identity: every `portrait` of the manifest is driven by the first `--cross-frames` frames of each
     of those clips; MediaPipe runs on the output frames, and the driver's and the output's mouth- and
     eye-aperture series are correlated (Pearson), with the fraction of output frames where a face is found.
@@ -56,7 +57,13 @@ from pipeline_infp.processing import (
     eye_aperture,
     mouth_aperture,
 )
-from pipeline_infp.processing.face import crop_to_crop, smoothed_crop_matrices, warp_to_crop
+from pipeline_infp.processing.face import (
+    _EYE_OUTER_CORNERS,
+    _region_indices,
+    crop_to_crop,
+    smoothed_crop_matrices,
+    warp_to_crop,
+)
 from pipeline_infp.processing.mesh_warp import mesh_flow, mesh_warp, prior_warp, retarget_landmarks
 from pipeline_infp.processing.video import VideoStream
 
@@ -73,6 +80,9 @@ FACE_FOUND_MIN = 0.99  # the renderer's output must keep a detectable face in at
 # SSIM is also reported per region of the real frame (`face_regions`): inside the face mesh, around it, elsewhere.
 # Torso and background motion ("elsewhere") is not in the driving signal, so its share bounds every renderer.
 REGIONS = ("face", "around", "elsewhere")
+# Landmark distance (LMD) between MediaPipe's mesh on the output and on the real frame, on every LMD_STRIDE-th
+# driving frame (~760 of the shared val clips' frames per method): does the renderer draw the geometry it was given?
+LMD_STRIDE = 5
 AROUND = 0.125  # of the crop side (32 px at 256², where the crop is 1.8x the face): hair, ears, neck
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -171,6 +181,15 @@ def region_ssim(maps: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     sums = np.bincount(bins, weights=maps.ravel(), minlength=shape[0] * shape[1]).reshape(shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / counts, np.nan), counts
+
+
+def landmark_distances(landmarks: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """Mean 2-D distance between two meshes [478, 3] of one frame, over the 468 face points and over the lips, in
+    inter-ocular distances of `real`: (face, mouth). Image positions, not aligned: a misplaced head counts."""
+    lips = _region_indices()[1]
+    distance = np.linalg.norm(np.asarray(landmarks)[:468, :2] - np.asarray(real)[:468, :2], axis=1)
+    scale = np.linalg.norm(real[_EYE_OUTER_CORNERS[0], :2] - real[_EYE_OUTER_CORNERS[1], :2])
+    return float(distance.mean() / scale), float(distance[lips].mean() / scale)
 
 
 def _squared_and_absolute_error(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -436,6 +455,7 @@ def self_reenactment(
     region_keys = [f"ssim_{region}" for region in REGIONS]
     per_frame = {m: {"ssim": [], "psnr": [], "l1": [], **{k: [] for k in region_keys}} for m in methods}
     region_area = []
+    lmd = {"frame_index": [], **{m: {"lmd_face": [], "lmd_mouth": []} for m in methods}}
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
     source = source_lm = portrait = None
     reconstruction = {}
@@ -493,6 +513,17 @@ def self_reenactment(
                     per_frame[method][key] += values.tolist()
                 per_frame[method]["psnr"] += psnr(frames, crops).tolist()
                 per_frame[method]["l1"] += l1(frames, crops).tolist()
+        with timer("self: output landmarks"):
+            measured = [k for k, position in enumerate(positions) if position % LMD_STRIDE == 0]
+            lmd["frame_index"] += track.indices[positions[measured]].tolist()
+            for method, frames in outputs.items():
+                for k in measured:
+                    try:
+                        face, mouth = landmark_distances(processor.landmarks(frames[k]), landmarks[k])
+                    except NoFaceDetectedError:  # left out of the means (the face-found check is cross-identity's)
+                        face = mouth = float("nan")
+                    lmd[method]["lmd_face"].append(face)
+                    lmd[method]["lmd_mouth"].append(mouth)
     bar.close()
     driver["crops"] = np.concatenate(driver["crops"]) if driver["crops"] else np.zeros((0, args.size, args.size, 3))
     result = {
@@ -503,10 +534,13 @@ def self_reenactment(
         "frames_dropped": track.dropped,
         "driving_frames": int(len(track.indices) - 1),
         "source_frame": int(track.indices[0]),
-        "methods": {m: {k: _finite_mean(v) for k, v in series.items()} for m, series in per_frame.items()},
+        "methods": {
+            m: {k: _finite_mean(v) for k, v in {**series, **lmd[m]}.items()} for m, series in per_frame.items()
+        },
         "region_area": dict(zip(REGIONS, np.mean(region_area, axis=0).tolist())) if region_area else None,
         "source_reconstruction": reconstruction,
         "per_frame": {"frame_index": track.indices[1:].tolist(), **per_frame},
+        "landmark_distances": lmd,
     }
     return result, driver
 
@@ -598,7 +632,7 @@ def _summarise(clips: list[dict], pairs: list[dict]) -> dict:
     for method in METHODS:
         row = {}
         per_clip = [c["methods"][method] for c in clips if method in c["methods"]]
-        for key in ("ssim", "psnr", "l1", *(f"ssim_{region}" for region in REGIONS)):
+        for key in ("ssim", "psnr", "l1", *(f"ssim_{region}" for region in REGIONS), "lmd_face", "lmd_mouth"):
             values = [v[key] for v in per_clip if math.isfinite(v[key])]
             row[key] = float(np.mean(values)) if values else None
         scores = [p["methods"][method] for p in pairs if method in p["methods"]]
@@ -625,6 +659,8 @@ def format_table(summary: dict, note: str = "") -> str:
         ("PSNR ↑", "psnr", "{:.2f}"),
         ("L1 ↓", "l1", "{:.4f}"),
         *((f"SSIM {region} ↑", f"ssim_{region}", "{:.4f}") for region in REGIONS),
+        ("LMD face ↓", "lmd_face", "{:.4f}"),
+        ("LMD mouth ↓", "lmd_mouth", "{:.4f}"),
         ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
         ("eye corr ↑", "eye_corr", "{:+.3f}"),
         ("face found", "face_found", "{:.1%}"),
@@ -712,7 +748,8 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         f"Self-reenactment (SSIM, PSNR, L1 at {args.size}² over the {args.crop} face crop, mean of per-clip means): "
         f"{len(clip_results)} clips, {sum(c['driving_frames'] for c in clip_results)} driving frames. "
         f"SSIM by region of the real frame: inside its face mesh, within {AROUND:g} x the crop side of it, "
-        f"elsewhere ({_area_note(clip_results)} of the crop on average). "
+        f"elsewhere ({_area_note(clip_results)} of the crop on average). LMD: mean distance of MediaPipe's mesh on "
+        f"the output from the real frame's, face and lips, in inter-ocular distances, every {LMD_STRIDE}th frame. "
         f"Cross-identity (Pearson correlation of driver vs output mouth/eye aperture measured by MediaPipe, "
         f"mean over pairs; a constant output series counts as 0, so `static` is 0 by construction): "
         f"{len(portraits)} portraits x {len(clip_results)} clips, first {args.cross_frames} frames. "

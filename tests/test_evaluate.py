@@ -18,6 +18,7 @@ from pipeline_infp.evaluate import (
     face_regions,
     format_table,
     l1,
+    landmark_distances,
     main,
     pearson,
     psnr,
@@ -141,6 +142,21 @@ def test_face_regions_follow_the_face_mesh(shared_data):
     assert labels[0, 0] == labels[255, 255] == 2  # the crop is 1.8x the face: its corners are far from it
     area = np.bincount(labels.ravel(), minlength=len(REGIONS)) / labels.size
     assert 0.1 < area[0] < 0.5 and 0.1 < area[1] < 0.5
+
+
+def test_landmark_distances_in_inter_ocular_units(shared_data):
+    with FaceProcessor() as processor:
+        real = processor.crop_portrait(shared_data / "portraits" / f"{PORTRAIT}.jpg", size=256).landmarks
+    assert landmark_distances(real, real) == (0.0, 0.0)
+    inter_ocular = np.linalg.norm(real[33, :2] - real[263, :2])
+    moved = real.copy()
+    moved[:, 0] += 0.1 * inter_ocular  # the whole head a tenth of the eye distance to the right
+    np.testing.assert_allclose(landmark_distances(moved, real), (0.1, 0.1), rtol=1e-5)
+    opened = real.copy()
+    opened[14, 1] += inter_ocular  # only the lower inner lip's middle point, one eye distance down
+    face, mouth = landmark_distances(opened, real)
+    assert face == pytest.approx(1 / 468) and mouth > 10 * face
+    assert landmark_distances(2 * opened, 2 * real) == pytest.approx((face, mouth))  # the crop size cancels
 
 
 def test_metrics_agree_with_the_shared_torch_metrics(shared_data):
@@ -279,6 +295,12 @@ def test_evaluation_json_structure(evaluation):
         assert summary["ssim"] == pytest.approx(metrics["ssim"], abs=1e-5) and summary["clips"] == 1
         assert summary["ssim_face"] == pytest.approx(metrics["ssim_face"], abs=1e-5)
     assert sum(clip["region_area"].values()) == pytest.approx(1) and "SSIM around" in results["table"]
+    # Landmark distances on every 5th driving frame: of the 6 here, the 5th (the source is frame 0).
+    lmd = clip["landmark_distances"]
+    assert lmd["frame_index"] == [clip["per_frame"]["frame_index"][4]] and "LMD mouth" in results["table"]
+    for method in ("static", "mesh warp", "prior warp", "renderer"):
+        assert len(lmd[method]["lmd_face"]) == 1 and 0 < clip["methods"][method]["lmd_face"] < 1
+        assert results["summary"][method]["lmd_mouth"] == pytest.approx(clip["methods"][method]["lmd_mouth"], abs=1e-5)
 
     [pair] = results["cross_identity"]  # the blank portrait is skipped, not fatal
     assert [p["id"] for p in results["skipped"]["portraits"]] == ["blank"] and results["portraits"] == [PORTRAIT]
