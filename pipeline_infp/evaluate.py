@@ -57,14 +57,8 @@ from pipeline_infp.processing import (
     eye_aperture,
     mouth_aperture,
 )
-from pipeline_infp.processing.face import (
-    _EYE_OUTER_CORNERS,
-    _region_indices,
-    crop_to_crop,
-    smoothed_crop_matrices,
-    warp_to_crop,
-)
-from pipeline_infp.processing.mesh_warp import mesh_flow, mesh_warp, prior_warp, retarget_landmarks
+from pipeline_infp.processing.face import _region_indices, crop_to_crop, smoothed_crop_matrices, warp_to_crop
+from pipeline_infp.processing.mesh_warp import _inter_ocular, mesh_flow, mesh_warp, prior_warp, retarget_landmarks
 from pipeline_infp.processing.video import VideoStream
 
 logger = logging.getLogger(__name__)
@@ -80,6 +74,7 @@ FACE_FOUND_MIN = 0.99  # the renderer's output must keep a detectable face in at
 # SSIM is also reported per region of the real frame (`face_regions`): inside the face mesh, around it, elsewhere.
 # Torso and background motion ("elsewhere") is not in the driving signal, so its share bounds every renderer.
 REGIONS = ("face", "around", "elsewhere")
+REGION_KEYS = tuple(f"ssim_{region}" for region in REGIONS)  # their columns in results and the table
 # Landmark distance (LMD) between MediaPipe's mesh on the output and on the real frame, on every LMD_STRIDE-th
 # driving frame (~760 of the shared val clips' frames per method): does the renderer draw the geometry it was given?
 LMD_STRIDE = 5
@@ -188,7 +183,7 @@ def landmark_distances(landmarks: np.ndarray, real: np.ndarray) -> tuple[float, 
     inter-ocular distances of `real`: (face, mouth). Image positions, not aligned: a misplaced head counts."""
     lips = _region_indices()[1]
     distance = np.linalg.norm(np.asarray(landmarks)[:468, :2] - np.asarray(real)[:468, :2], axis=1)
-    scale = np.linalg.norm(real[_EYE_OUTER_CORNERS[0], :2] - real[_EYE_OUTER_CORNERS[1], :2])
+    scale = _inter_ocular(np.asarray(real))
     return float(distance.mean() / scale), float(distance[lips].mean() / scale)
 
 
@@ -452,8 +447,7 @@ def self_reenactment(
         if args.crop == "fixed":
             track = track.fixed()
     methods = ["static", "mesh warp", "prior warp"] + (["renderer"] if renderer is not None else [])
-    region_keys = [f"ssim_{region}" for region in REGIONS]
-    per_frame = {m: {"ssim": [], "psnr": [], "l1": [], **{k: [] for k in region_keys}} for m in methods}
+    per_frame = {m: {"ssim": [], "psnr": [], "l1": [], **{k: [] for k in REGION_KEYS}} for m in methods}
     region_area = []
     lmd = {"frame_index": [], **{m: {"lmd_face": [], "lmd_mouth": []} for m in methods}}
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
@@ -509,7 +503,7 @@ def self_reenactment(
                 frames = np.ascontiguousarray(frames)
                 maps = ssim_maps(frames, crops)
                 per_frame[method]["ssim"] += maps.mean(axis=(1, 2)).tolist()
-                for key, values in zip(region_keys, region_ssim(maps, labels)[0].T):
+                for key, values in zip(REGION_KEYS, region_ssim(maps, labels)[0].T):
                     per_frame[method][key] += values.tolist()
                 per_frame[method]["psnr"] += psnr(frames, crops).tolist()
                 per_frame[method]["l1"] += l1(frames, crops).tolist()
@@ -632,7 +626,7 @@ def _summarise(clips: list[dict], pairs: list[dict]) -> dict:
     for method in METHODS:
         row = {}
         per_clip = [c["methods"][method] for c in clips if method in c["methods"]]
-        for key in ("ssim", "psnr", "l1", *(f"ssim_{region}" for region in REGIONS), "lmd_face", "lmd_mouth"):
+        for key in ("ssim", "psnr", "l1", *REGION_KEYS, "lmd_face", "lmd_mouth"):
             values = [v[key] for v in per_clip if math.isfinite(v[key])]
             row[key] = float(np.mean(values)) if values else None
         scores = [p["methods"][method] for p in pairs if method in p["methods"]]
@@ -658,7 +652,7 @@ def format_table(summary: dict, note: str = "") -> str:
         ("SSIM ↑", "ssim", "{:.4f}"),
         ("PSNR ↑", "psnr", "{:.2f}"),
         ("L1 ↓", "l1", "{:.4f}"),
-        *((f"SSIM {region} ↑", f"ssim_{region}", "{:.4f}") for region in REGIONS),
+        *((f"SSIM {region} ↑", key, "{:.4f}") for region, key in zip(REGIONS, REGION_KEYS)),
         ("LMD face ↓", "lmd_face", "{:.4f}"),
         ("LMD mouth ↓", "lmd_mouth", "{:.4f}"),
         ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
