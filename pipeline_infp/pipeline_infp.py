@@ -16,7 +16,7 @@ diffusers' `trust_remote_code` loader, so it uses absolute imports only.
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from pipeline_infp.processing import (
     SAMPLE_RATE,
     FaceCrop,
     FaceProcessor,
+    NoFaceDetectedError,
     SilentAudioError,
     apply_landmark_offsets,
     check_duration,
@@ -45,6 +46,7 @@ from pipeline_infp.processing import (
     mix_tracks,
     mouth_aperture,
     mouth_closing_motion,
+    moved_region,
     pad_to_same_length,
     prior_flow,
     read_video,
@@ -78,6 +80,10 @@ DEFAULT_GUIDANCE_SCALE = 2.0
 # Lips held at rest wherever the agent's own track is silent (`rest_mouth`): the motion model alone keeps them parted
 # in a third of the frames where only the partner speaks.
 DEFAULT_SILENT_MOUTH_REST = 1.0
+# Lips whose MediaPipe inner-lip gap (inter-ocular distances) is this wide or wider are apart, as the evaluation counts
+# them (`motion_metrics.closed_mouth_fraction`); a portrait the renderer draws so at rest is closed in the image first
+# (`close_portrait_mouth`).
+LIPS_APART_APERTURE = 0.05
 
 COMPONENT_CLASSES = {
     "audio_encoder": "AudioEncoder",
@@ -294,10 +300,13 @@ class INFPPipeline(DiffusionPipeline):
         """Everything the renderer needs from the portrait, computed once per video.
 
         Generated motion is relative to a face at rest with closed lips (every training clip's reference frame).
-        With `close_mouth`, a portrait with parted lips is first brought to rest: the most ordinary motion that
-        closes its lips (`mouth_closing_motion`) becomes `rest`, added to every frame the renderer draws, so the
-        face listens with a closed mouth and talks from there. Off for reenactment, where the driving motion is
-        relative to the portrait itself."""
+        With `close_mouth`, a portrait with parted lips is first brought to rest: its lips are closed in the image
+        (`close_portrait_mouth`), and whatever gap is left by the most ordinary motion that closes it
+        (`mouth_closing_motion`), which becomes `rest`, added to every frame the renderer draws; so the face listens
+        with a closed mouth and talks from there. Off for reenactment, where the driving motion is relative to the
+        portrait itself."""
+        if close_mouth:
+            face = self.close_portrait_mouth(face)
         device, dtype = self._execution_device, self.appearance_encoder.dtype
         image = image_to_tensor(face.image[None], device, dtype)
         latent = self.encode_motion(face.image[None], face.landmarks[None])
@@ -321,6 +330,38 @@ class INFPPipeline(DiffusionPipeline):
         rest = torch.zeros(1, self.motion_encoder.config.latent_dim)
         rest[0, : len(basis)] = torch.from_numpy(mouth_closing_motion(landmarks, basis))
         return rest
+
+    @torch.no_grad()
+    def close_portrait_mouth(self, face: FaceCrop, max_passes: int = 3) -> FaceCrop:
+        """The portrait, with its lips closed in the image itself where the renderer cannot close them from it.
+
+        `rest` closes the mesh of any parted lips, and from lips a little apart the renderer draws them closed. From
+        a wide-open mouth (a shout, an "O", a grin) it cannot: there MediaPipe puts the inner-lip line inside the
+        mouth, so the warp carries interior into the lips (a shout's inner-lip gap 0.47 → 0.19 rendered at rest,
+        bundled renderer). So when the portrait drawn at rest still shows its lips apart (`LIPS_APART_APERTURE`),
+        passes close the image: each renders it at rest, keeps that only where the closing moves the face
+        (`moved_region`), the rest of the portrait as it was, and meshes it again, until its own lips meet (the
+        shout: 0.47 → 0.01 in three passes). Stops after `max_passes`, or when no face is found in a pass's image.
+        A portrait the renderer closes by itself is returned as it is: every pass blurs the image a little."""
+        zero = torch.zeros(1, self.motion_encoder.config.latent_dim)
+        for index in range(max_passes):
+            if mouth_aperture(face.landmarks) < LIPS_APART_APERTURE:
+                break
+            encoding = self.encode_portrait(face)
+            encoding.rest = self.rest_motion(encoding.landmarks).to(encoding.latent)
+            rendered = self.render(encoding, zero.to(encoding.latent))[0].permute(1, 2, 0).cpu().numpy() * 255
+            rendered = np.ascontiguousarray(rendered.round().astype(np.uint8))
+            rest_mesh = self.motion_landmarks(encoding.landmarks, encoding.rest)[0]
+            weight = moved_region(encoding.landmarks, rest_mesh, face.image.shape[0])[..., None]
+            image = np.ascontiguousarray((weight * rendered + (1 - weight) * face.image).round().astype(np.uint8))
+            try:
+                if index == 0 and mouth_aperture(self.face_processor.landmarks(rendered)) < LIPS_APART_APERTURE:
+                    break
+                landmarks = self.face_processor.landmarks(image).astype(np.float32)
+            except NoFaceDetectedError:
+                break
+            face = replace(face, image=image, landmarks=landmarks)
+        return face
 
     @torch.no_grad()
     def encode_motion(

@@ -61,7 +61,7 @@ from pipeline_infp.processing import (  # noqa: E402
     mesh_warp,
     prior_flow,
 )
-from pipeline_infp.processing.face import crop_to_crop  # noqa: E402
+from pipeline_infp.processing.face import crop_to_crop, mouth_aperture  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
 
 logger = get_logger(__name__)
@@ -131,6 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--feature_matching_weight", type=float, default=1.0)
     parser.add_argument("--portrait_pair_prob", type=float, default=0.2, help="share of synthetic portrait pairs")
+    parser.add_argument(
+        "--closing_pair_prob", type=float, default=0.0,
+        help="share of clip pairs whose source has the mouth wide open and whose driving frame has it closed",
+    )  # fmt: skip
     parser.add_argument("--kinds", nargs="+", default=["talking", "dyadic-split", "nonverbal", "talking-generated"])
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -164,6 +168,7 @@ class HeadImitationDataset(Dataset):
         portrait_pair_prob: float,
         seed: int,
         length: int,
+        closing_pair_prob: float = 0.0,
     ):
         self.clips = [c for c in data.clips(kinds=kinds, splits=[split]) if c.num_frames >= 2]
         if not self.clips:
@@ -172,6 +177,8 @@ class HeadImitationDataset(Dataset):
         self.weights = frames / frames.sum()
         self.portraits = data.portraits() if portrait_pair_prob > 0 else []
         self.portrait_pair_prob = portrait_pair_prob if self.portraits else 0.0
+        self.closing = closing_frames(self.clips) if closing_pair_prob > 0 else []
+        self.closing_pair_prob = closing_pair_prob if self.closing else 0.0
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
         cv2.setNumThreads(1)  # loader workers share the cores with the training process
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
@@ -185,6 +192,12 @@ class HeadImitationDataset(Dataset):
         clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
         i, j = rng.integers(clip.num_frames, size=2)
         return clip, i, j
+
+    def random_closing_pair(self, rng) -> tuple:
+        """(clip, i, j): a frame with the mouth wide open and one with the lips closed, of a clip that has both, so the
+        renderer learns to draw lips over a mouth interior (an open-mouthed portrait made to listen)."""
+        clip, opened, closed = self.closing[rng.integers(len(self.closing))]
+        return clip, rng.choice(opened), rng.choice(closed)
 
     def landmark_offset_samples(self, count: int, seed: int) -> np.ndarray:
         """Driving-mesh offsets [count, N, 3] of random pairs (the motion encoder's basis is fitted on them)."""
@@ -204,7 +217,9 @@ class HeadImitationDataset(Dataset):
             driving, lm_driving = synthetic_driving(source, lm_source, rng)
             valid = np.full(source.shape[:2], 255, np.uint8)
         else:
-            clip, i, j = self.random_clip_pair(rng)
+            # Drawn only when asked for, so runs without closing pairs keep their random pairs.
+            closing = self.closing_pair_prob > 0 and rng.random() < self.closing_pair_prob
+            clip, i, j = self.random_closing_pair(rng) if closing else self.random_clip_pair(rng)
             source, lm_source = clip.frame(i), np.array(clip.landmarks[i])
             driving, lm_driving, valid = reframe(
                 clip.frame(j), np.array(clip.landmarks[j]), clip.matrices[j], clip.matrices[i]
@@ -220,6 +235,18 @@ class HeadImitationDataset(Dataset):
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
         source, driving = colour_jitter([source, driving], rng)
         return pair_tensors(source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis)
+
+
+def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -> list[tuple]:
+    """(clip, open frame indices, closed frame indices) of every clip with both a wide-open mouth and closed lips
+    (MediaPipe's inner-lip gap in inter-ocular distances, `mouth_aperture`)."""
+    found = []
+    for clip in clips:
+        gap = mouth_aperture(np.asarray(clip.landmarks))
+        opened, closed = np.flatnonzero(gap > open_above), np.flatnonzero(gap < closed_below)
+        if len(opened) and len(closed):
+            found.append((clip, opened, closed))
+    return found
 
 
 def reframe(driving, lm_driving, driving_matrix, source_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -525,6 +552,7 @@ def main(argv=None):
     dataset = HeadImitationDataset(
         data, args.kinds, "train", args.resolution, args.portrait_pair_prob, args.seed,
         length=args.max_train_steps * args.train_batch_size * accelerator.num_processes,
+        closing_pair_prob=args.closing_pair_prob,
     )  # fmt: skip
     loader = DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,

@@ -29,6 +29,7 @@ __all__ = [
     "mesh_flow",
     "mesh_triangles",
     "mesh_warp",
+    "moved_region",
     "prior_flow",
     "prior_warp",
     "retarget_landmarks",
@@ -330,6 +331,19 @@ def prior_warp(source_image: np.ndarray, source_landmarks: np.ndarray, driving_l
     # Normalised displacement → pixels (grid_sample with align_corners=False: 2 units span `size` pixels).
     map_x, map_y = grid_x + flow[0] * size / 2, grid_y + flow[1] * size / 2
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def moved_region(
+    source_landmarks: np.ndarray, driving_landmarks: np.ndarray, size: int, min_shift: float = 0.5
+) -> np.ndarray:
+    """Weights float32 [size, size] in [0, 1]: 1 where `prior_flow` between the two meshes moves the image by at
+    least `min_shift` pixels, grown by 1/32 of the side and feathered over 1/64 of it, 0 where the image stays
+    put; for blending a changed face back into an image without touching the rest."""
+    flow, _ = prior_flow(source_landmarks, driving_landmarks, size)
+    moved = (np.hypot(flow[0], flow[1]) * size / 2 >= min_shift).astype(np.uint8)
+    grow = max(1, round(size / 32))
+    moved = cv2.dilate(moved, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2))
+    return np.clip(cv2.GaussianBlur(moved.astype(np.float32), (0, 0), size / 64), 0, 1)
 
 
 def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:

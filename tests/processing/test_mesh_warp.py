@@ -14,6 +14,7 @@ from pipeline_infp.processing import (
     mesh_triangles,
     mesh_warp,
     mouth_aperture,
+    moved_region,
     prior_flow,
     prior_warp,
     retarget_landmarks,
@@ -278,6 +279,20 @@ def test_prior_flow_carries_the_mesh_motion_outwards_and_fades_to_still(landmark
     assert ring.any() and ratio.min() > 0.3 and ratio.mean() > 0.5
     # ... and the crop's corners, far from the face, stay still.
     assert np.abs(flow[:, :4, :4]).max() < 1e-3 and np.abs(flow[:, -4:, -4:]).max() < 1e-3
+
+
+def test_moved_region_covers_what_the_motion_moves_and_nothing_else(landmarks):
+    assert not moved_region(landmarks, landmarks, SIZE).any()
+    jaw = landmarks.copy()
+    below_mouth = landmarks[:, 1] > landmarks[14, 1]
+    jaw[below_mouth, 1] -= 5.0  # px: the jaw closes
+    weight = moved_region(landmarks, jaw, SIZE)
+    assert weight.shape == (SIZE, SIZE) and weight.dtype == np.float32 and 0 <= weight.min() and weight.max() <= 1
+    chin = np.round(jaw[152, :2]).astype(int)
+    forehead = np.round(landmarks[10, :2]).astype(int)
+    assert weight[chin[1], chin[0]] == pytest.approx(1) and weight[forehead[1], forehead[0]] == 0
+    assert ((weight > 0.1) & (weight < 0.9)).any()  # a feathered edge, not a hard cut
+    assert not weight[:8].any()  # the top of the crop stays as it was
 
 
 def test_landmark_offsets_round_trip_and_transfer_at_the_other_faces_scale(landmarks):

@@ -12,8 +12,16 @@ from safetensors import safe_open
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.processing import FaceProcessor
+from pipeline_infp.processing.face import mouth_aperture
 from training.prepared import PreparedDataset
-from training.train_head_imitation import RENDERER, HeadImitationDataset, main, reframe, synthetic_driving
+from training.train_head_imitation import (
+    RENDERER,
+    HeadImitationDataset,
+    closing_frames,
+    main,
+    reframe,
+    synthetic_driving,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_head_imitation.py"
@@ -54,6 +62,25 @@ def test_pairs_use_the_motion_encoders_basis_for_the_prior(data_dir):
     projected = dataset[1]
     assert torch.equal(exact["driving"], projected["driving"])
     assert not torch.allclose(exact["prior_flow"], projected["prior_flow"])
+
+
+def test_closing_pairs_go_from_a_wide_open_mouth_to_closed_lips(data_dir):
+    data = PreparedDataset(data_dir)
+    clips = data.clips(kinds=["talking"], splits=["train"])
+    [(clip, opened, closed)] = closing_frames(clips)
+    gap = mouth_aperture(np.asarray(clip.landmarks))
+    assert len(opened) and len(closed) and gap[opened].min() > 0.2 and gap[closed].max() < 0.03
+    assert closing_frames(clips, open_above=gap.max()) == []  # no wide-open frame: no closing pairs
+
+    dataset = HeadImitationDataset(
+        data, ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=10, closing_pair_prob=1.0
+    )
+    for index in range(4):
+        offsets = dataset[index]["driving_offsets"].numpy()  # inter-ocular distances, driving − source
+        assert offsets[14, 1] - offsets[13, 1] < -0.15  # the lower lip rises to meet the upper one
+    plain = HeadImitationDataset(data, ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=10)
+    gaps = [plain[i]["driving_offsets"][14, 1] - plain[i]["driving_offsets"][13, 1] for i in range(8)]
+    assert plain.closing == [] and max(gaps) > -0.15  # ordinary pairs: not all closing
 
 
 def test_reframe_moves_a_driving_crop_into_the_source_crop(data_dir):
