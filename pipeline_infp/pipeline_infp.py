@@ -351,16 +351,15 @@ class INFPPipeline(DiffusionPipeline):
             encoding.rest = self.rest_motion(encoding.landmarks).to(encoding.latent)
             rendered = self.render(encoding, zero.to(encoding.latent))[0].permute(1, 2, 0).cpu().numpy() * 255
             rendered = np.ascontiguousarray(rendered.round().astype(np.uint8))
-            rest_mesh = self.motion_landmarks(encoding.landmarks, encoding.rest)[0]
-            weight = moved_region(encoding.landmarks, rest_mesh, face.image.shape[0])[..., None]
-            image = np.ascontiguousarray((weight * rendered + (1 - weight) * face.image).round().astype(np.uint8))
             try:
                 if index == 0 and mouth_aperture(self.face_processor.landmarks(rendered)) < LIPS_APART_APERTURE:
-                    break
-                landmarks = self.face_processor.landmarks(image).astype(np.float32)
+                    break  # the renderer draws these lips closed by itself
+                rest_mesh = self.motion_landmarks(encoding.landmarks, encoding.rest)[0]
+                weight = moved_region(encoding.landmarks, rest_mesh, face.image.shape[0])[..., None]
+                image = np.ascontiguousarray((weight * rendered + (1 - weight) * face.image).round().astype(np.uint8))
+                face = replace(face, image=image, landmarks=self.face_processor.landmarks(image).astype(np.float32))
             except NoFaceDetectedError:
                 break
-            face = replace(face, image=image, landmarks=landmarks)
         return face
 
     @torch.no_grad()
