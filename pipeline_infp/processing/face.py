@@ -437,7 +437,8 @@ def hybrid_representation(image: np.ndarray, landmarks: np.ndarray, outline_radi
         hull = cv2.convexHull(np.round(landmarks[indices, :2]).astype(np.int32))
         cv2.fillConvexPoly(mask, hull, 255)
         cv2.polylines(mask, [hull], True, 255, thickness=max(1, round(2 * grow * face)))
-    out = np.where(mask[..., None] > 0, image, 0).astype(np.uint8)
+    # C order whatever the input's strides (a channel-first tensor's view): OpenCV draws only into contiguous arrays.
+    out = np.ascontiguousarray(np.where(mask[..., None] > 0, image, 0), dtype=np.uint8)
     radius = outline_radius if outline_radius is not None else max(1, round(0.012 * face))
     for (x, y), colour in zip(np.round(landmarks[oval, :2]).astype(int), colours):
         cv2.circle(out, (int(x), int(y)), radius, colour.tolist(), thickness=-1, lineType=cv2.LINE_AA)

@@ -287,6 +287,14 @@ def test_hybrid_representation_keeps_only_eyes_lips_and_outline(crop):
     assert len(dots) > len(oval) // 2  # colours change along the oval
 
 
+def test_hybrid_representation_of_a_strided_image_equals_the_contiguous_ones(crop):
+    strided = np.ascontiguousarray(crop.image.transpose(2, 0, 1)).transpose(1, 2, 0)  # a CHW tensor viewed as HWC
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(
+        hybrid_representation(strided, crop.landmarks), hybrid_representation(crop.image, crop.landmarks)
+    )
+
+
 def test_hybrid_representation_is_fast(crop):
     hybrid_representation(crop.image, crop.landmarks)
     start = time.perf_counter()
