@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from pipeline_infp.processing.face import OPEN_MOUTH_APERTURE
+
 __all__ = [
     "blinks_per_minute",
     "closed_mouth_fraction",
@@ -112,7 +114,9 @@ def blinks_per_minute(eye_aperture: np.ndarray, fps: float) -> float:
     return blinks / (len(aperture) / fps / 60.0)
 
 
-def closed_mouth_fraction(mouth_aperture: np.ndarray, frames: np.ndarray, threshold: float = 0.05) -> float:
+def closed_mouth_fraction(
+    mouth_aperture: np.ndarray, frames: np.ndarray, threshold: float = OPEN_MOUTH_APERTURE
+) -> float:
     """Fraction of the selected frames (bool mask, e.g. where only the partner speaks) whose inner-lip gap is below
     `threshold` inter-ocular distances (NaN when no frame is selected)."""
     selected = np.asarray(mouth_aperture, dtype=np.float64)[np.asarray(frames, dtype=bool)]

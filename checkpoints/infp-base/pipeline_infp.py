@@ -32,6 +32,7 @@ from pipeline_infp import models
 from pipeline_infp.hub import make_self_contained
 from pipeline_infp.processing import (
     CLOSED_MOUTH_APERTURE,
+    OPEN_MOUTH_APERTURE,
     SAMPLE_RATE,
     FaceCrop,
     FaceProcessor,
@@ -80,10 +81,6 @@ DEFAULT_GUIDANCE_SCALE = 2.0
 # Lips held at rest wherever the agent's own track is silent (`rest_mouth`): the motion model alone keeps them parted
 # in a third of the frames where only the partner speaks.
 DEFAULT_SILENT_MOUTH_REST = 1.0
-# Lips whose MediaPipe inner-lip gap (inter-ocular distances) is this wide or wider are apart, as the evaluation counts
-# them (`motion_metrics.closed_mouth_fraction`); a portrait the renderer draws so at rest is closed in the image first
-# (`close_portrait_mouth`).
-LIPS_APART_APERTURE = 0.05
 
 COMPONENT_CLASSES = {
     "audio_encoder": "AudioEncoder",
@@ -149,6 +146,11 @@ def image_to_tensor(images: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 [B, H, W, 3] → [B, 3, H, W] in [-1, 1]."""
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     return (tensor.to(device=device, dtype=torch.float32) / 127.5 - 1).to(dtype)
+
+
+def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Rendered frames [T, 3, H, W] in [0, 1] → uint8 [T, H, W, 3] (C order: OpenCV and MediaPipe read them)."""
+    return np.ascontiguousarray((frames.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8))
 
 
 class INFPPipeline(DiffusionPipeline):
@@ -338,21 +340,20 @@ class INFPPipeline(DiffusionPipeline):
         `rest` closes the mesh of any parted lips, and from lips a little apart the renderer draws them closed. From
         a wide-open mouth (a shout, an "O", a grin) it cannot: there MediaPipe puts the inner-lip line inside the
         mouth, so the warp carries interior into the lips (a shout's inner-lip gap 0.47 → 0.19 rendered at rest,
-        bundled renderer). So when the portrait drawn at rest still shows its lips apart (`LIPS_APART_APERTURE`),
+        bundled renderer). So when the portrait drawn at rest still shows its lips apart (`OPEN_MOUTH_APERTURE`),
         passes close the image: each renders it at rest, keeps that only where the closing moves the face
         (`moved_region`), the rest of the portrait as it was, and meshes it again, until its own lips meet (the
         shout: 0.47 → 0.01 in three passes). Stops after `max_passes`, or when no face is found in a pass's image.
         A portrait the renderer closes by itself is returned as it is: every pass blurs the image a little."""
         zero = torch.zeros(1, self.motion_encoder.config.latent_dim)
         for index in range(max_passes):
-            if mouth_aperture(face.landmarks) < LIPS_APART_APERTURE:
+            if mouth_aperture(face.landmarks) < OPEN_MOUTH_APERTURE:
                 break
             encoding = self.encode_portrait(face)
             encoding.rest = self.rest_motion(encoding.landmarks).to(encoding.latent)
-            rendered = self.render(encoding, zero.to(encoding.latent))[0].permute(1, 2, 0).cpu().numpy() * 255
-            rendered = np.ascontiguousarray(rendered.round().astype(np.uint8))
+            rendered = frames_to_uint8(self.render(encoding, zero.to(encoding.latent)))[0]
             try:
-                if index == 0 and mouth_aperture(self.face_processor.landmarks(rendered)) < LIPS_APART_APERTURE:
+                if index == 0 and mouth_aperture(self.face_processor.landmarks(rendered)) < OPEN_MOUTH_APERTURE:
                     break  # the renderer draws these lips closed by itself
                 rest_mesh = self.motion_landmarks(encoding.landmarks, encoding.rest)[0]
                 weight = moved_region(encoding.landmarks, rest_mesh, face.image.shape[0])[..., None]
@@ -745,8 +746,9 @@ class INFPPipeline(DiffusionPipeline):
 
         # 6. Output
         if paste_back:
-            uint8 = (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-            frames = torch.from_numpy(paste_back_frames(uint8, face)).permute(0, 3, 1, 2).float() / 255
+            frames = (
+                torch.from_numpy(paste_back_frames(frames_to_uint8(frames), face)).permute(0, 3, 1, 2).float() / 255
+            )
         if output_type == "np":
             frames = frames.permute(0, 2, 3, 1).cpu().float().numpy()
         elif output_type == "pil":

@@ -21,6 +21,7 @@ from .errors import (
 )
 from .face import (
     CLOSED_MOUTH_APERTURE,
+    OPEN_MOUTH_APERTURE,
     FaceCrop,
     FaceProcessor,
     FaceTrack,
@@ -48,6 +49,7 @@ from .video import audio_delay, read_audio_track, read_video, write_video
 
 __all__ = [
     "CLOSED_MOUTH_APERTURE",
+    "OPEN_MOUTH_APERTURE",
     "SAMPLE_RATE",
     "AudioLoadError",
     "AudioTooLongError",

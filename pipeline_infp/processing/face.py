@@ -36,6 +36,7 @@ NO_FACE_HINT = "use a photo where one face is clearly visible, frontal, at least
 _EYE_OUTER_CORNERS = (33, 263)
 _INNER_LIP_PAIRS = ((13, 14), (82, 87), (312, 317))  # upper / lower inner lip, centre and sides
 CLOSED_MOUTH_APERTURE = 0.01  # MediaPipe's inner-lip gap of lips at rest, in inter-ocular distances
+OPEN_MOUTH_APERTURE = 0.05  # an inner-lip gap this wide or wider reads as an open mouth (evaluation and pipeline)
 _EYELID_PAIRS = ((159, 145), (158, 153), (160, 144), (386, 374), (385, 380), (387, 373))
 
 

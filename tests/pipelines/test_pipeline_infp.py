@@ -9,8 +9,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline_infp import build_pipeline
-from pipeline_infp.pipeline_infp import LIPS_APART_APERTURE
 from pipeline_infp.processing import (
+    OPEN_MOUTH_APERTURE,
     SAMPLE_RATE,
     AudioLoadError,
     AudioTooLongError,
@@ -271,7 +271,7 @@ def read_meshes(pipe, monkeypatch, *meshes):
 def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_else(jaw_pipe, open_face, monkeypatch):
     pipe = jaw_pipe
     rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
-    assert mouth_aperture(open_face.landmarks) >= LIPS_APART_APERTURE > mouth_aperture(rest_mesh)
+    assert mouth_aperture(open_face.landmarks) >= OPEN_MOUTH_APERTURE > mouth_aperture(rest_mesh)
     # The frame drawn at rest still shows the lips apart: the pass keeps it where the closing moves the face.
     read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
     closed = pipe.close_portrait_mouth(open_face)
@@ -290,7 +290,7 @@ def test_close_portrait_mouth_leaves_the_portrait_when_the_renderer_closes_it_or
     jaw_pipe, open_face, face, monkeypatch
 ):
     pipe = jaw_pipe
-    assert mouth_aperture(face.landmarks) < LIPS_APART_APERTURE and pipe.close_portrait_mouth(face) is face
+    assert mouth_aperture(face.landmarks) < OPEN_MOUTH_APERTURE and pipe.close_portrait_mouth(face) is face
     read_meshes(pipe, monkeypatch, face.landmarks)  # drawn at rest with the lips together
     assert pipe.close_portrait_mouth(open_face) is open_face
     read_meshes(pipe, monkeypatch)  # no face found: image and mesh stay together
