@@ -609,6 +609,11 @@ def export(model: MotionModel, renderer: INFPPipeline, data, motion, offsets: di
     """The complete pipeline as an fp16 Hub folder, with the style presets in the guider's config."""
     pipe = copy.deepcopy(assemble(renderer, model))  # the export casts to fp16: not the renderer in use
     pipe.motion_guider.register_to_config(style_presets=style_presets(model, data, motion, offsets))
+    export_pipeline(pipe, folder)
+
+
+def export_pipeline(pipe: INFPPipeline, folder: Path) -> None:
+    """`pipe` as an fp16 Hub folder, replacing whatever `folder` held (`pipe` is cast to fp16)."""
     if folder.exists():
         shutil.rmtree(folder)
     # Whisper-base weights are rebuilt on load; any other audio encoder (the tests' tiny one) travels with its weights.
