@@ -1,5 +1,7 @@
 """WiSE-FT interpolation of a stage-2 fine-tune with its base: weights, what is kept from the base, refusals."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,16 @@ def test_refuses_folders_that_are_not_a_fine_tune_of_the_base(tmp_path, change, 
     with pytest.raises(ValueError, match=message):
         run(tmp_path, 0.5)
     assert not (tmp_path / "mix").exists()
+
+
+def test_refuses_a_motion_model_of_another_architecture(tmp_path):
+    save_pair(tmp_path)
+    config_path = tmp_path / "tuned" / "motion_transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_heads"] = 1  # same weight shapes, another model
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="two motion_transformers have different configs"):
+        run(tmp_path, 0.5)
 
 
 def test_refuses_an_alpha_outside_the_segment_and_writing_over_an_input(tmp_path, capsys):
