@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_head_imitation import RENDERER  # noqa: E402
 from train_motion import MOTION_MODEL, export_pipeline  # noqa: E402
 
 from pipeline_infp import INFPPipeline  # noqa: E402
 
-RENDERER = ("motion_encoder", "appearance_encoder", "flow_estimator", "face_decoder")
 FEATURES_FILE = "motion_features.npz"  # fitted on the data, not the model (evaluate motion)
 
 
