@@ -32,6 +32,7 @@ Resume with `--resume_from_checkpoint latest`. The trained renderer is exported 
 import argparse
 import copy
 import logging
+import os
 import shutil
 import sys
 import time
@@ -53,6 +54,7 @@ from pipeline_infp import INFPPipeline, export_for_hub  # noqa: E402
 from pipeline_infp.metrics import psnr, ssim  # noqa: E402
 from pipeline_infp.presets import component_class, component_config, make_scheduler  # noqa: E402
 from pipeline_infp.processing import (  # noqa: E402
+    FaceProcessor,
     apply_landmark_offsets,
     apply_matrix,
     hybrid_representation,
@@ -127,6 +129,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flow_weight", type=float, default=1.0, help="mesh-flow supervision at the start")
     parser.add_argument("--flow_weight_final", type=float, default=0.1, help="... decayed linearly to this")
     parser.add_argument(
+        "--optical_flow_weight", type=float, default=0.0,
+        help="supervision of the flow outside the face mesh (hair, neck, torso) with the optical flow of the two real "
+        "frames (OpenCV DIS, where it agrees both ways); the mesh says nothing there",
+    )  # fmt: skip
+    parser.add_argument(
+        "--person_prior", action="store_true",
+        help="the prior flow carries the head's motion over hair, ears and neck within the source's person mask "
+        "(MediaPipe selfie segmentation); stored in the flow estimator's config, so the pipeline does the same "
+        "(kept when fine-tuning weights trained with it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--basis_samples", type=int, default=20000, help="frame pairs for fitting the motion encoder's landmark basis"
     )
     parser.add_argument("--feature_matching_weight", type=float, default=1.0)
@@ -169,6 +182,7 @@ class HeadImitationDataset(Dataset):
         seed: int,
         length: int,
         closing_pair_prob: float = 0.0,
+        with_optical_flow: bool = False,
     ):
         self.clips = [c for c in data.clips(kinds=kinds, splits=[split]) if c.num_frames >= 2]
         if not self.clips:
@@ -180,9 +194,12 @@ class HeadImitationDataset(Dataset):
         self.closing = closing_frames(self.clips) if closing_pair_prob > 0 else []
         self.closing_pair_prob = closing_pair_prob if self.closing else 0.0
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
+        self.with_optical_flow = with_optical_flow
         cv2.setNumThreads(1)  # loader workers share the cores with the training process
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
         self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
+        self.person_prior = False  # the flow estimator's, known once it is built
+        self._processor = None  # a MediaPipe graph per process (loader workers are forked)
 
     def __len__(self) -> int:
         return self.length
@@ -234,7 +251,16 @@ class HeadImitationDataset(Dataset):
         valid = cv2.warpAffine(valid, matrix, (self.size,) * 2, flags=cv2.INTER_NEAREST)
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
         source, driving = colour_jitter([source, driving], rng)
-        return pair_tensors(source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis)
+        person = self.processor().person_mask(source) if self.person_prior else None
+        return pair_tensors(
+            source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
+            self.with_optical_flow, person,
+        )  # fmt: skip
+
+    def processor(self) -> FaceProcessor:
+        if self._processor is None or self._processor[0] != os.getpid():
+            self._processor = (os.getpid(), FaceProcessor())
+        return self._processor[1]
 
 
 def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -> list[tuple]:
@@ -260,24 +286,38 @@ def reframe(driving, lm_driving, driving_matrix, source_matrix) -> tuple[np.ndar
     return image, apply_matrix(lm_driving, matrix), valid
 
 
-def pair_tensors(source, driving, lm_source, lm_driving, valid, resolution: int, landmark_basis=None) -> dict:
+def pair_tensors(
+    source,
+    driving,
+    lm_source,
+    lm_driving,
+    valid,
+    resolution: int,
+    landmark_basis=None,
+    with_optical_flow=False,
+    person_mask=None,
+) -> dict:
     """The renderer's inputs, target and supervision for one pair: both frames and the valid mask at `resolution`,
     both hybrid representations at the crop size (the motion encoder resizes them, as in the pipeline), the
     driving mesh's offsets from the source's, the prior flow of the mesh the motion encoder can represent
-    (offsets projected on `landmark_basis` [k, N·3] when given) and the exact mesh flow with its mask."""
+    (offsets projected on `landmark_basis` [k, N·3] when given), the exact mesh flow with its mask, and when asked the
+    optical flow of the two frames with its mask (`optical_flow`; 5 ms a pair at 128²). The prior is carried over
+    the source's `person_mask` when given (`prior_flow`)."""
     size = source.shape[0]
     offsets = landmark_offsets(lm_driving, lm_source)
     encodable = lm_driving
     if landmark_basis is not None:
         projected = (offsets.reshape(-1) @ landmark_basis.T) @ landmark_basis
         encodable = apply_landmark_offsets(lm_source, projected.reshape(offsets.shape))
-    prior, _ = prior_flow(lm_source, encodable, size, resolution)
+    prior, _ = prior_flow(lm_source, encodable, size, resolution, person_mask=person_mask)
     flow, mask = mesh_flow(lm_source, lm_driving, size, out_size=resolution)
     resize = lambda x: cv2.resize(x, (resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
-    return {
-        "source": to_tensor(resize(source)),
-        "driving": to_tensor(resize(driving)),
-        "valid": torch.from_numpy((resize(valid) > 127).astype(np.float32))[None],
+    small_source, small_driving = resize(source), resize(driving)
+    small_valid = (resize(valid) > 127).astype(np.float32)
+    tensors = {
+        "source": to_tensor(small_source),
+        "driving": to_tensor(small_driving),
+        "valid": torch.from_numpy(small_valid)[None],
         "source_hybrid": to_tensor(hybrid_representation(source, lm_source)),
         "driving_hybrid": to_tensor(hybrid_representation(driving, lm_driving)),
         "driving_offsets": torch.from_numpy(offsets),
@@ -285,6 +325,29 @@ def pair_tensors(source, driving, lm_source, lm_driving, valid, resolution: int,
         "mesh_flow": torch.from_numpy(flow),
         "mesh_mask": torch.from_numpy(mask)[None],
     }
+    if with_optical_flow:
+        optical, consistent = optical_flow(small_source, small_driving)
+        tensors["optical_flow"] = torch.from_numpy(optical)
+        tensors["optical_mask"] = torch.from_numpy(consistent * small_valid)[None]
+    return tensors
+
+
+def optical_flow(source: np.ndarray, driving: np.ndarray, tolerance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Backward flow [2, r, r] from the driving frame to the source (for every driving pixel, where its content is
+    in the source; normalised coordinates, as the flow estimator's) by OpenCV's DIS optical flow on the two uint8
+    frames [r, r, 3], and the mask [r, r] of pixels where the flows both ways agree within `tolerance` pixels
+    (elsewhere it is occluded or unreliable)."""
+    size = source.shape[0]
+    grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (source, driving)]
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    backward = dis.calc(grey[1], grey[0], None)  # driving pixel -> source pixel
+    forward = dis.calc(grey[0], grey[1], None)
+    grid = np.stack(np.meshgrid(np.arange(size), np.arange(size)), axis=-1).astype(np.float32)
+    target = grid + backward
+    returned = cv2.remap(forward, target[..., 0], target[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    inside = np.all((target >= 0) & (target <= size - 1), axis=-1)
+    consistent = (np.linalg.norm(backward + returned, axis=-1) < tolerance) & inside
+    return (backward.transpose(2, 0, 1) * (2.0 / size)).astype(np.float32), consistent.astype(np.float32)
 
 
 def random_framing(size: int, rng) -> np.ndarray:
@@ -299,17 +362,14 @@ def random_framing(size: int, rng) -> np.ndarray:
 
 
 def colour_jitter(images: list[np.ndarray], rng) -> list[np.ndarray]:
-    """The same brightness, contrast, saturation and per-channel gain for every image of a pair."""
+    """The same brightness, contrast, saturation and per-channel gain for every image of a pair: one affine colour
+    map (grey = channel mean), applied by OpenCV in one pass (the loader's costliest step when done in float)."""
     brightness, contrast, saturation = rng.uniform(-0.1, 0.1), rng.uniform(0.8, 1.2), rng.uniform(0.7, 1.3)
     gains = rng.uniform(0.93, 1.07, size=3)
-    out = []
-    for image in images:
-        x = image.astype(np.float32) / 255
-        grey = x.mean(axis=2, keepdims=True)
-        x = grey + (x - grey) * saturation
-        x = (x - 0.5) * contrast + 0.5 + brightness
-        out.append((np.clip(x * gains, 0, 1) * 255).round().astype(np.uint8))
-    return out
+    matrix = np.empty((3, 4))
+    matrix[:, :3] = gains[:, None] * contrast * (saturation * np.eye(3) + (1 - saturation) / 3)
+    matrix[:, 3] = gains * (0.5 - 0.5 * contrast + brightness) * 255
+    return [cv2.transform(image, matrix) for image in images]
 
 
 def synthetic_driving(image: np.ndarray, landmarks: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -458,7 +518,9 @@ def validate(renderer, batch, step: int, output_dir: Path) -> dict:
     return {"val_ssim": ssim(output, target).mean().item(), "val_psnr": psnr(output, target).mean().item()}
 
 
-def fixed_validation_batch(data: PreparedDataset, args, landmark_basis, count: int = 6) -> dict | None:
+def fixed_validation_batch(
+    data: PreparedDataset, args, landmark_basis, person_prior: bool = False, count: int = 6
+) -> dict | None:
     """Pairs (first frame → a frame further on, in the first frame's crop) spread over the val clips, without
     augmentation."""
     clips = [c for c in data.clips(kinds=["talking"], splits=["val"]) if c.num_frames >= 2]
@@ -467,17 +529,27 @@ def fixed_validation_batch(data: PreparedDataset, args, landmark_basis, count: i
     per_clip = -(-count // len(clips))
     positions = np.linspace(0, 1, per_clip + 2)[1:-1]
     samples = []
-    for k in range(count):
-        clip = clips[k % len(clips)]
-        j = max(1, int(positions[k // len(clips)] * (clip.num_frames - 1)))
-        driving, lm_driving, valid = reframe(
-            clip.frame(j), np.array(clip.landmarks[j]), clip.matrices[j], clip.matrices[0]
-        )
-        samples.append(
-            pair_tensors(
-                clip.frame(0), driving, np.array(clip.landmarks[0]), lm_driving, valid, args.resolution, landmark_basis
+    with FaceProcessor() as processor:  # closed before the loader's workers fork
+        for k in range(count):
+            clip = clips[k % len(clips)]
+            j = max(1, int(positions[k // len(clips)] * (clip.num_frames - 1)))
+            driving, lm_driving, valid = reframe(
+                clip.frame(j), np.array(clip.landmarks[j]), clip.matrices[j], clip.matrices[0]
             )
-        )
+            source = clip.frame(0)
+            person = processor.person_mask(source) if person_prior else None
+            samples.append(
+                pair_tensors(
+                    source,
+                    driving,
+                    np.array(clip.landmarks[0]),
+                    lm_driving,
+                    valid,
+                    args.resolution,
+                    landmark_basis,
+                    person_mask=person,
+                )  # fmt: skip
+            )
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
@@ -552,13 +624,17 @@ def main(argv=None):
     dataset = HeadImitationDataset(
         data, args.kinds, "train", args.resolution, args.portrait_pair_prob, args.seed,
         length=args.max_train_steps * args.train_batch_size * accelerator.num_processes,
-        closing_pair_prob=args.closing_pair_prob,
-    )  # fmt: skip
-    loader = DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
-        drop_last=True,
+        closing_pair_prob=args.closing_pair_prob, with_optical_flow=args.optical_flow_weight > 0,
     )  # fmt: skip
     renderer = Renderer(build_renderer(args))
+    person_prior = args.person_prior or renderer.flow_estimator.config.person_prior
+    renderer.flow_estimator.register_to_config(person_prior=person_prior)
+    # MediaPipe's graphs do not survive a fork of a process that has run one: spawn the loader's workers then.
+    spawn = person_prior and args.dataloader_num_workers > 0
+    loader = DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
+        drop_last=True, multiprocessing_context="spawn" if spawn else None,
+    )  # fmt: skip
     if not args.init_from and not args.resume_from_checkpoint:
         samples = torch.from_numpy(dataset.landmark_offset_samples(args.basis_samples, args.seed))
         kept = renderer.motion_encoder.fit_landmark_basis(samples)
@@ -578,7 +654,8 @@ def main(argv=None):
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     dataset.resumed_at = global_step  # new random draws, and the dataset knows how far training is
     dataset.landmark_basis = accelerator.unwrap_model(renderer).motion_encoder.landmark_basis.cpu().numpy()
-    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis)
+    dataset.person_prior = person_prior
+    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis, person_prior)
 
     logger.info(
         "Training on %d clips (+%d portraits), %d steps of %d x %d processes",
@@ -604,6 +681,11 @@ def main(argv=None):
             flow_loss = masked_l1(flow.flow.float(), batch["mesh_flow"], batch["mesh_mask"])
             loss = l1 + args.ssim_weight * ssim_loss + flow_weight * flow_loss
             logs = {"l1": l1.item(), "ssim": 1 - ssim_loss.item(), "flow": flow_loss.item()}
+            if args.optical_flow_weight > 0:
+                outside_mesh = batch["optical_mask"] * (1 - batch["mesh_mask"])
+                optical_loss = masked_l1(flow.flow.float(), batch["optical_flow"], outside_mesh)
+                loss = loss + args.optical_flow_weight * optical_loss
+                logs["optical_flow"] = optical_loss.item()
             if use_gan:
                 # One discriminator pass over fake and real halves (DDP wants one forward per backward).
                 scales = discriminator(torch.cat([output, target]))

@@ -115,13 +115,15 @@ class PortraitEncoding:
     """latent: the portrait's motion latent [1, latent_dim]; features: its appearance feature volume;
     image: the crop itself [1, 3, S, S] in [-1, 1], which the decoder warps at full resolution;
     landmarks: its face mesh [478, 3] in crop pixels, which generated motion moves;
-    rest: a motion latent [1, latent_dim] added to every rendered frame's, or None (see `encode_portrait`)."""
+    rest: a motion latent [1, latent_dim] added to every rendered frame's, or None (see `encode_portrait`);
+    person_mask: the crop's person mask [S, S] when the flow estimator's prior uses it, else None."""
 
     latent: torch.Tensor
     features: torch.Tensor
     image: torch.Tensor
     landmarks: np.ndarray
     rest: torch.Tensor | None = None
+    person_mask: np.ndarray | None = None
 
 
 def crossfade(tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -313,9 +315,11 @@ class INFPPipeline(DiffusionPipeline):
         image = image_to_tensor(face.image[None], device, dtype)
         latent = self.encode_motion(face.image[None], face.landmarks[None])
         landmarks = np.asarray(face.landmarks, dtype=np.float32)
+        person_prior = self.flow_estimator.config.person_prior
         return PortraitEncoding(
             latent=latent, features=self.appearance_encoder(image), image=image, landmarks=landmarks,
             rest=self.rest_motion(landmarks).to(latent) if close_mouth else None,
+            person_mask=self.face_processor.person_mask(face.image) if person_prior else None,
         )  # fmt: skip
 
     def geometry_basis(self) -> np.ndarray:
@@ -624,7 +628,7 @@ class INFPPipeline(DiffusionPipeline):
         size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
 
         def flow(driving: np.ndarray) -> np.ndarray:
-            return prior_flow(portrait.landmarks, driving, size, working)[0]
+            return prior_flow(portrait.landmarks, driving, size, working, person_mask=portrait.person_mask)[0]
 
         return torch.from_numpy(np.stack(list(pool.map(flow, meshes)) if pool else [flow(m) for m in meshes]))
 

@@ -46,7 +46,10 @@ class FlowEstimator(ModelMixin, ConfigMixin):
         block_channels: tuple[int, ...] = (64, 128, 128),
         norm_groups: int = 8,
         occlusion_init: float = 3.0,
+        person_prior: bool = False,
     ):
+        """`person_prior`: the prior flow this estimator was trained on, so the pipeline computes the same one:
+        carried over the source's person mask (`processing.prior_flow(person_mask=...)`) or not."""
         super().__init__()
         self.motion_embed = nn.Sequential(
             nn.Linear(3 * latent_dim, motion_embed_dim), nn.SiLU(), nn.Linear(motion_embed_dim, motion_embed_dim)

@@ -197,7 +197,8 @@ class FaceTrack:
 
 
 class FaceProcessor:
-    """MediaPipe face detection (full range) + 478-point face mesh, created lazily and reused.
+    """MediaPipe face detection (full range) + 478-point face mesh, and selfie segmentation for `person_mask`,
+    created lazily and reused.
 
     MediaPipe graphs are stateful and not thread safe, so every call holds a lock.
     """
@@ -206,6 +207,7 @@ class FaceProcessor:
         self.min_detection_confidence = min_detection_confidence
         self._detector: Any = None
         self._mesh: Any = None
+        self._segmenter: Any = None
         self._lock = threading.Lock()
 
     def _graphs(self) -> tuple[Any, Any]:
@@ -225,16 +227,27 @@ class FaceProcessor:
 
     def close(self) -> None:
         with self._lock:
-            for graph in (self._detector, self._mesh):
+            for graph in (self._detector, self._mesh, self._segmenter):
                 if graph is not None:
                     graph.close()
-            self._detector = self._mesh = None
+            self._detector = self._mesh = self._segmenter = None
 
     def __enter__(self) -> FaceProcessor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def person_mask(self, image: np.ndarray) -> np.ndarray:
+        """How much each pixel of an RGB uint8 image [H, W, 3] belongs to a person (head, hair, body) rather than
+        the background: float32 [H, W] in [0, 1], MediaPipe's selfie segmentation (its 256² general model)."""
+        with self._lock:
+            if self._segmenter is None:
+                import mediapipe as mp
+
+                self._segmenter = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            mask = self._segmenter.process(np.ascontiguousarray(image)).segmentation_mask
+        return np.clip(mask, 0, 1).astype(np.float32)
 
     def detect(self, image: ImageInput) -> list[np.ndarray]:
         """Face boxes [x0, y0, x1, y1, score] in pixels, largest first."""

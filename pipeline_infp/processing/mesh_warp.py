@@ -302,22 +302,87 @@ def prior_flow(
     *,
     spread: float = 0.08,
     reach: float = 0.3,
+    person_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The renderer's geometric prior: `mesh_flow` (lips stretched across the mouth) inside the driving
     mesh, carried outwards over hair, ears and neck and fading to no motion further away.
 
     Outside the mesh the flow is a normalised Gaussian average of the mesh's flow (σ = `spread` × the output
     side), weighted by how much mesh lies near (full weight where the blurred mesh mask reaches `reach`), so
-    the background of a fixed crop stays put. On the val clips with MediaPipe's own driving meshes this warp
-    alone scores SSIM 0.80 / PSNR 22.7 dB, against 0.77 / 21.8 dB with no motion outside the mesh.
+    the background of a fixed crop stays put. With the source's `person_mask` [size, size] (`FaceProcessor.
+    person_mask`) the head's motion is carried further, over the person only: see `_person_prior`.
     Returns (flow float32 [2, h, w], mesh mask float32 [h, w]) as `mesh_flow`.
     """
     flow, mask = mesh_flow(source_landmarks, driving_landmarks, size, out_size, fill_mouth=True)
+    if person_mask is not None:
+        return _person_prior(flow, mask, source_landmarks, driving_landmarks, size, person_mask), mask
     sigma = spread * mask.shape[0]
     weight = cv2.GaussianBlur(mask, (0, 0), sigma)
     spreading = np.stack([cv2.GaussianBlur(channel * mask, (0, 0), sigma) for channel in flow])
     outside = spreading / np.maximum(weight, 1e-6) * np.clip(weight / reach, 0, 1)
     return np.where(mask > 0, flow, outside).astype(np.float32), mask
+
+
+def _person_prior(
+    flow: np.ndarray,
+    mask: np.ndarray,
+    source_landmarks: np.ndarray,
+    driving_landmarks: np.ndarray,
+    size: int,
+    person_mask: np.ndarray,
+    *,
+    spread: float = 0.04,
+    reach: float = 0.3,
+    head_reach: float = 0.2,
+) -> np.ndarray:
+    """`prior_flow` outside the mesh from the source's person mask: hair, ears and neck follow the head's affine
+    motion (fitted to the face outline), blended with the mesh's own flow near it and fading with distance from
+    it (e^-(d / `head_reach` side)²) so shoulders move less; pixels whose moved position falls on the background
+    keep still; background the moving head uncovers is taken from the nearest background pixel of the source
+    rather than from where the head was. Prior warp on the val clips (every 8th frame): SSIM 0.736 → 0.760,
+    PSNR 19.5 → 20.7 dB (the `around` band 0.576 → 0.643, `elsewhere` 0.787 → 0.795)."""
+    out = mask.shape[0]
+    centres = np.arange(out, dtype=np.float32)
+    grid = np.stack(np.meshgrid(centres, centres), axis=-1)  # pixel (x, y) at the output resolution
+    normalised = (2 * grid + 1) / out - 1
+    to_norm = lambda xy: (2 * np.asarray(xy, dtype=np.float64)[..., :2] + 1) / size - 1  # noqa: E731
+    outline = _face_outline()
+    drv, src = to_norm(driving_landmarks)[outline], to_norm(source_landmarks)[outline]
+    affine = np.linalg.lstsq(np.hstack([drv, np.ones((len(drv), 1))]), src, rcond=None)[0]  # [3, 2]
+    head = normalised @ affine[:2] + affine[2] - normalised  # [h, w, 2] normalised
+    # Near the mesh, stay continuous with its flow: spread the mesh's departure from the head motion outwards.
+    sigma = spread * out
+    weight = cv2.GaussianBlur(mask, (0, 0), sigma)
+    departure = (
+        np.stack([cv2.GaussianBlur((flow[c] - head[..., c]) * mask, (0, 0), sigma) for c in range(2)], axis=-1)
+        / np.maximum(weight, 1e-6)[..., None]
+    )
+    head = head + departure * np.clip(weight / reach, 0, 1)[..., None]
+    distance = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 5) / out
+    head *= np.exp(-((distance / head_reach) ** 2))[..., None]
+
+    person = cv2.resize(np.asarray(person_mask, dtype=np.float32), (out, out), interpolation=cv2.INTER_AREA)
+    moved = (grid + head * out / 2).astype(np.float32)
+    lands_on_person = cv2.remap(
+        person, moved[..., 0], moved[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    outside = head * np.clip((lands_on_person - 0.2) / 0.6, 0, 1)[..., None]
+    background = person < 0.5
+    if background.any() and not background.all():
+        _, nearest = cv2.distanceTransformWithLabels(
+            (~background).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+        )
+        nearest_xy = np.argwhere(background)[nearest - 1][..., ::-1].astype(np.float32)  # labels count zero pixels
+        uncovered = (lands_on_person < 0.5) & ~background
+        outside = np.where(uncovered[..., None], (nearest_xy - grid) * 2 / out, outside)
+    return np.where(mask[None] > 0, flow, outside.transpose(2, 0, 1)).astype(np.float32)
+
+
+@functools.cache
+def _face_outline() -> np.ndarray:
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    return np.array(sorted({i for edge in fmc.FACEMESH_FACE_OVAL for i in edge}))
 
 
 def prior_warp(source_image: np.ndarray, source_landmarks: np.ndarray, driving_landmarks: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The benchmark scripts on tiny inputs: they run, time every stage and score what they claim to."""
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -66,3 +67,29 @@ def test_diarization_scores_against_rttm_turns(tmp_path):
     perfect = np.r_[np.full(25, 2), np.full(25, 1)]  # cluster names swapped: still perfect
     assert diarization.score(perfect, activity)["accuracy"] == 1.0
     assert diarization.score(np.r_[np.full(25, 1), np.full(25, 1)], activity)["accuracy"] == 0.5
+
+
+def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_data, tmp_path):
+    with open(shared_data / "manifest.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["id"] == "styletalk-feifeili-clip3"]  # a val clip
+    with open(tmp_path / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow({**rows[0], "path": str(shared_data / rows[0]["path"])})
+    out = tmp_path / "ceiling.json"
+    result = load("renderer_ceiling").main(
+        ["--manifest", str(tmp_path / "manifest.csv"), "--json", str(out), "--max-frames", "24", "--stride", "8"]
+    )
+    assert json.loads(out.read_text()) == result
+    assert result["clips"]["styletalk-feifeili-clip3"]["frames"] == 3  # driving frames 8, 16, 24
+    mean = result["mean"]
+    # Resampling through 128² keeps most of a 256² frame; warping by the real flow beats the unchanged source.
+    assert mean["working size round trip"]["ssim"] > 0.9 and mean["working size round trip"]["psnr"] > 30
+    assert mean["flow oracle"]["ssim"] > mean["static"]["ssim"]
+    assert mean["flow oracle"]["psnr"] > mean["static"]["psnr"]
+    # The head-only oracle takes the optical flow inside the face and the band around it, the prior elsewhere.
+    head, prior = mean["flow oracle on the head"], mean["prior warp"]
+    assert head["ssim_face"] > prior["ssim_face"]
+    assert head["ssim_elsewhere"] == pytest.approx(prior["ssim_elsewhere"], abs=0.01)
+    assert mean["person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)  # same inside
+    assert set(mean["static"]) == {"ssim", "psnr", "ssim_face", "ssim_around", "ssim_elsewhere"}

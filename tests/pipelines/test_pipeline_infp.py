@@ -19,6 +19,7 @@ from pipeline_infp.processing import (
     SilentAudioError,
     mouth_aperture,
     moved_region,
+    prior_flow,
 )
 from tests.utils import tiny_random_pipeline
 
@@ -230,6 +231,17 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     assert centre == pytest.approx(-2 * 0.1 * iod / IMAGE_SIZE, rel=0.05)
     frames = pipe.render(portrait, latents)
     assert frames.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= frames.min() and frames.max() <= 1
+    assert portrait.person_mask is None
+    # A flow estimator trained on the person prior gets it: the portrait's person mask carries the head's motion.
+    pipe.flow_estimator.register_to_config(person_prior=True)
+    with_person = pipe.encode_portrait(face)
+    assert with_person.person_mask.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    meshes = pipe.motion_landmarks(face.landmarks, latents)
+    person_prior = pipe.prior_flows(with_person, meshes)
+    expected = prior_flow(face.landmarks, meshes[0], IMAGE_SIZE, working, person_mask=with_person.person_mask)[0]
+    torch.testing.assert_close(person_prior[0], torch.from_numpy(expected))
+    assert person_prior[0, 0, working // 2, working // 2] == prior[0, 0, working // 2, working // 2]
+    assert not torch.equal(person_prior, prior)
 
 
 @pytest.fixture(scope="module")

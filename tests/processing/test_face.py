@@ -217,6 +217,15 @@ def test_processor_is_thread_safe_and_reusable_after_close(crop):
 # --------------------------------------------------------------------------- paste back
 
 
+def test_person_mask_covers_the_face_and_hair_not_the_background(processor, crop):
+    mask = processor.person_mask(crop.image)
+    assert mask.shape == crop.image.shape[:2] and mask.dtype == np.float32 and 0 <= mask.min() and mask.max() <= 1
+    nose, forehead = (np.round(crop.landmarks[i, :2]).astype(int) for i in (1, 10))
+    assert mask[nose[1], nose[0]] > 0.9 and mask[max(forehead[1] - 20, 0), forehead[0]] > 0.9  # hair above the brow
+    assert mask[:16, :16].mean() < 0.1  # the wall behind
+    assert np.array_equal(processor.person_mask(crop.image), mask)
+
+
 def test_paste_back_round_trip(crop):
     out = paste_back(crop.image[None], crop)
     assert out.shape == (1, *crop.original.shape) and out.dtype == np.uint8

@@ -281,6 +281,37 @@ def test_prior_flow_carries_the_mesh_motion_outwards_and_fades_to_still(landmark
     assert np.abs(flow[:, :4, :4]).max() < 1e-3 and np.abs(flow[:, -4:, -4:]).max() < 1e-3
 
 
+def test_person_prior_moves_hair_with_the_head_and_fills_what_it_uncovers_with_background(landmarks):
+    person = _oval_mask(landmarks, SIZE, grow=24).astype(np.float32)  # the head with its hair, on a background
+    np.testing.assert_allclose(prior_flow(landmarks, landmarks, SIZE, 64, person_mask=person)[0], 0, atol=1e-6)
+    shift = 6.0
+    moved = landmarks.copy()
+    moved[:, 0] += shift
+    flow, mask = prior_flow(landmarks, moved, SIZE, person_mask=person)
+    plain, _ = prior_flow(landmarks, moved, SIZE)
+    inside = mask > 0
+    np.testing.assert_allclose(flow[:, inside], plain[:, inside])  # the mesh's own flow inside it
+    # Hair 16 px off the face oval moves with the head, where the plain prior lets it lag behind by half.
+    ring = _oval_mask(moved, SIZE, grow=16) & ~_oval_mask(moved, SIZE, grow=14) & ~inside
+    expected = -2 * shift / SIZE
+    assert flow[0][ring].mean() / expected > 0.8 and plain[0][ring].mean() / expected < 0.6
+    # Where the person moved away (background in the driving frame, the head in the source), the plain prior copies
+    # the old head; the person prior mostly stretches the nearest background in.
+    background = (cv2.warpAffine(person, np.float32([[1, 0, shift], [0, 1, 0]]), (SIZE, SIZE)) < 0.5) & ~inside
+    uncovered = background & (person > 0.5)
+    grid_x, grid_y = np.meshgrid(np.arange(SIZE), np.arange(SIZE))
+
+    def samples_person(flow):
+        x = np.clip(np.round(grid_x + flow[0] * SIZE / 2), 0, SIZE - 1).astype(int)
+        y = np.clip(np.round(grid_y + flow[1] * SIZE / 2), 0, SIZE - 1).astype(int)
+        return person[y, x]
+
+    assert uncovered.sum() > 500
+    assert samples_person(flow)[uncovered].mean() < 0.4 and samples_person(plain)[uncovered].mean() > 0.8
+    assert samples_person(flow)[background].mean() < 0.02
+    assert np.abs(flow[:, :4, :4]).max() == 0  # far background stays still
+
+
 def test_moved_region_covers_what_the_motion_moves_and_nothing_else(landmarks):
     assert not moved_region(landmarks, landmarks, SIZE).any()
     jaw = landmarks.copy()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from training.train_head_imitation import (
     HeadImitationDataset,
     closing_frames,
     main,
+    optical_flow,
     reframe,
     synthetic_driving,
 )
@@ -34,13 +36,15 @@ def tiny_args(data_dir, output_dir, *extra):
 
 def test_pairs_have_images_hybrids_and_mesh_flow(data_dir):
     dataset = HeadImitationDataset(
-        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.5, seed=0, length=10
-    )
+        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.5, seed=0, length=10,
+        with_optical_flow=True,
+    )  # fmt: skip
     sample = dataset[3]
     assert sample["source"].shape == sample["driving"].shape == (3, 64, 64)
     assert sample["driving_hybrid"].shape == (3, 256, 256)
     assert sample["mesh_flow"].shape == sample["prior_flow"].shape == (2, 64, 64)
-    assert sample["mesh_mask"].shape == sample["valid"].shape == (1, 64, 64)
+    assert sample["mesh_mask"].shape == sample["valid"].shape == sample["optical_mask"].shape == (1, 64, 64)
+    assert sample["optical_flow"].shape == (2, 64, 64) and sample["optical_mask"].mean() > 0.5
     assert sample["driving_offsets"].shape == (478, 3)
     assert 0 < sample["mesh_mask"].mean() < 1 and sample["valid"].mean() > 0.8
     # Without a basis the prior is the exact mesh flow inside the mesh.
@@ -50,6 +54,19 @@ def test_pairs_have_images_hybrids_and_mesh_flow(data_dir):
     again = dataset[3]
     assert all(torch.equal(sample[k], again[k]) for k in sample)  # a pair is a function of its index
     assert not torch.equal(dataset[4]["driving"], sample["driving"])
+    # The optical flow target is computed only when asked for, and asking for it changes nothing else.
+    plain = HeadImitationDataset(
+        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.5, seed=0, length=10
+    )[3]
+    assert set(sample) - set(plain) == {"optical_flow", "optical_mask"}
+    assert all(torch.equal(sample[k], plain[k]) for k in plain)
+    # The person prior changes the prior flow outside the face mesh and nothing else.
+    dataset.person_prior = True
+    person = dataset[3]
+    assert all(torch.equal(sample[k], person[k]) for k in sample if k != "prior_flow")
+    inside = sample["mesh_mask"].expand(2, -1, -1) > 0
+    assert torch.equal(person["prior_flow"][inside], sample["prior_flow"][inside])
+    assert not torch.equal(person["prior_flow"], sample["prior_flow"])
 
 
 def test_pairs_use_the_motion_encoders_basis_for_the_prior(data_dir):
@@ -108,6 +125,20 @@ def test_synthetic_driving_moves_the_face_where_its_landmarks_say(shared_data):
     assert error < 0.03 * face.image.shape[0]
 
 
+def test_optical_flow_finds_a_known_motion_and_masks_what_left_the_frame(shared_data):
+    image = cv2.imread(str(shared_data / "portraits" / "liveportrait-source-s1.jpg"))
+    source = cv2.cvtColor(cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    shift = 4  # the driving frame shows the source moved 4 px right: its pixel x comes from source x - 4
+    driving = cv2.warpAffine(source, np.float32([[1, 0, shift], [0, 1, 0]]), (128, 128), borderMode=cv2.BORDER_REFLECT)
+    flow, mask = optical_flow(source, driving)
+    assert flow.shape == (2, 128, 128) and mask.shape == (128, 128)
+    inner = mask[:, 16:-16] > 0
+    assert inner.mean() > 0.8
+    np.testing.assert_allclose(np.median(flow[0][:, 16:-16][inner]) * 128 / 2, -shift, atol=0.25)
+    np.testing.assert_allclose(np.median(flow[1][:, 16:-16][inner]) * 128 / 2, 0, atol=0.25)
+    assert mask[:, :shift].mean() < 0.5  # driving pixels whose content is not in the source
+
+
 def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
     main(tiny_args(data_dir, tmp_path))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -130,8 +161,11 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
     main(tiny_args(data_dir, tmp_path / "first", "--max_train_steps", "2"))
     first = tmp_path / "first" / "pipeline"
     main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
-                   "--learning_rate", "1e-2", "--max_train_steps", "2"))  # fmt: skip
+                   "--learning_rate", "1e-2", "--max_train_steps", "2", "--optical_flow_weight", "1",
+                   "--person_prior", "--dataloader_num_workers", "1"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
+    # Fine-tuned onto the person prior (its loader workers spawned, as MediaPipe needs): the pipeline will use it.
+    assert not before.flow_estimator.config.person_prior and after.flow_estimator.config.person_prior
     kept, tuned = before.motion_encoder.state_dict(), after.motion_encoder.state_dict()
     assert kept.keys() == tuned.keys() and all(torch.equal(kept[k], tuned[k]) for k in kept)
     decoder_before, decoder_after = before.face_decoder.state_dict(), after.face_decoder.state_dict()

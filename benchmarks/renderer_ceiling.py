@@ -1,0 +1,157 @@
+"""How far a warping face renderer could go on the self-reenactment metrics, by rows that see the real frame.
+
+    python benchmarks/renderer_ceiling.py --manifest ../shared/data/manifest.csv --json ceiling.json
+
+On the same clips, crops and metrics as `python -m pipeline_infp.evaluate reenactment` (the val talking clips,
+first frame as source, fixed 256² crop; SSIM overall and by region, PSNR), every `--stride`-th driving frame:
+* `static`: the source repeated (the evaluation's baseline, for reference);
+* `working size round trip`: the real frame shrunk to the renderer's working size and enlarged back: what
+  synthesising at that size alone costs;
+* `prior warp`: the source warped by the renderer's geometric prior (`processing.prior_flow` between the two face
+  meshes), as the evaluation's row of that name; `person prior warp`: the same with the source's person mask (the
+  prior of renderers trained with `--person_prior`); neither sees the real frame;
+* `flow oracle on the head`: the source warped by the dense optical flow (OpenCV DIS) computed from the real driving
+  frame inside its face mesh and the band around it (hair, ears, neck: the evaluation's `face` and `around`
+  regions), the prior elsewhere: what a renderer that got the whole head right, but knew no more than a face mesh
+  tells about the torso and background, would reach by warping alone;
+* `flow oracle`: that optical flow everywhere: a renderer whose flow were right for the torso and background too.
+The oracles see the answer, so they are ceilings, not baselines.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline_infp.evaluate import (
+    REGION_KEYS,
+    face_regions,
+    iter_crops,
+    psnr,
+    read_manifest,
+    region_ssim,
+    select_clips,
+    ssim_maps,
+    track_clip,
+)
+from pipeline_infp.processing import FaceProcessor
+from pipeline_infp.processing.mesh_warp import prior_flow
+
+METHODS = (
+    "static",
+    "working size round trip",
+    "prior warp",
+    "person prior warp",
+    "flow oracle on the head",
+    "flow oracle",
+)
+
+
+def round_trip(image: np.ndarray, working: int) -> np.ndarray:
+    size = image.shape[0]
+    small = cv2.resize(image, (working, working), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def optical_flow(source: np.ndarray, driving: np.ndarray) -> np.ndarray:
+    """DIS optical flow [S, S, 2] in pixels from every driving pixel to where its content is in the source."""
+    grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (driving, source)]
+    return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(grey[0], grey[1], None)
+
+
+def warp(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """The source [S, S, 3] resampled at every pixel + its flow [S, S, 2] (pixels)."""
+    size = source.shape[0]
+    grid = np.stack(np.meshgrid(np.arange(size), np.arange(size)), axis=-1).astype(np.float32) + flow
+    return cv2.remap(source, grid[..., 0], grid[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def warps(source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person, labels: np.ndarray) -> dict:
+    """The warped rows for one driving frame: the priors (without and with the source's `person` mask), oracle on
+    the head (`face_regions` labels 0 and 1), oracle."""
+    size = source.shape[0]
+    prior = prior_flow(lm_source, lm_driving, size)[0].transpose(1, 2, 0) * size / 2
+    person_prior = prior_flow(lm_source, lm_driving, size, person_mask=person)[0].transpose(1, 2, 0) * size / 2
+    oracle = optical_flow(source, driving)
+    on_head = np.where((labels <= 1)[..., None], oracle, prior)
+    return {
+        "prior warp": warp(source, prior),
+        "person prior warp": warp(source, person_prior),
+        "flow oracle on the head": warp(source, on_head),
+        "flow oracle": warp(source, oracle),
+    }
+
+
+def clip_ceiling(processor: FaceProcessor, path: Path, args: argparse.Namespace) -> dict:
+    max_frames = None if args.max_frames is None else args.max_frames + 1
+    track = track_clip(processor, path, args.size, 25.0, max_frames).fixed()
+    scores = {m: {"ssim": [], "psnr": [], **{k: [] for k in REGION_KEYS}} for m in METHODS}
+    source = None
+    for positions, crops in iter_crops(path, track, 25.0):
+        if source is None:
+            source = crops[0]
+            person = processor.person_mask(source)
+        keep = [k for k, position in enumerate(positions) if position > 0 and position % args.stride == 0]
+        if not keep:
+            continue
+        real, landmarks = crops[keep], track.landmarks[positions[keep]]
+        labels = np.stack([face_regions(lm, args.size) for lm in landmarks])
+        warped = [
+            warps(source, x, track.landmarks[0], lm, person, label) for x, lm, label in zip(real, landmarks, labels)
+        ]
+        outputs = {
+            "static": np.broadcast_to(source, real.shape),
+            "working size round trip": np.stack([round_trip(x, args.working_size) for x in real]),
+            **{method: np.stack([w[method] for w in warped]) for method in warped[0]},
+        }
+        for method, frames in outputs.items():
+            frames = np.ascontiguousarray(frames)
+            maps = ssim_maps(frames, real)
+            scores[method]["ssim"] += maps.mean(axis=(1, 2)).tolist()
+            for key, values in zip(REGION_KEYS, region_ssim(maps, labels)[0].T):
+                scores[method][key] += values.tolist()
+            scores[method]["psnr"] += psnr(frames, real).tolist()
+    frames = len(scores["static"]["ssim"])
+    return {
+        "frames": frames,
+        "methods": {m: {k: float(np.nanmean(v)) for k, v in s.items()} for m, s in scores.items()},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="manifest.csv in the shared data format")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--stride", type=int, default=4, help="every n-th driving frame (default 4)")
+    parser.add_argument("--max-frames", type=int, help="cap on frames read per clip (default: all)")
+    parser.add_argument("--size", type=int, default=256, help="face crop side, as the evaluation's (default 256)")
+    parser.add_argument("--working-size", type=int, default=128, help="the renderer's working size (default 128)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    clips, selection = select_clips(read_manifest(args.manifest))
+    results = {}
+    with FaceProcessor() as processor:
+        for entry in tqdm(clips, desc="clips", unit="clip"):
+            results[entry.id] = clip_ceiling(processor, entry.path, args)
+    scored = [r for r in results.values() if r["frames"]]
+    if not scored:
+        raise ValueError(f"No driving frames were scored in {args.manifest}: lower --stride or raise --max-frames.")
+    mean = {
+        m: {k: float(np.mean([r["methods"][m][k] for r in scored])) for k in scored[0]["methods"][m]} for m in METHODS
+    }
+    print(f"{selection}: {len(scored)} clips, every {args.stride}th frame, mean of per-clip means")
+    print(f"{'method':26s}" + "".join(f"{k:>16s}" for k in mean["static"]))
+    for method, figures in mean.items():
+        print(f"{method:26s}" + "".join(f"{v:16.4f}" for v in figures.values()))
+    output = {"clips": results, "mean": mean, "stride": args.stride, "seconds": time.perf_counter() - start}
+    if args.json:
+        Path(args.json).write_text(json.dumps(output, indent=1))
+    return output
+
+
+if __name__ == "__main__":
+    main()
