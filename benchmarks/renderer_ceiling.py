@@ -30,12 +30,10 @@ from tqdm.auto import tqdm
 from pipeline_infp.evaluate import (
     REGION_KEYS,
     face_regions,
+    frame_scores,
     iter_crops,
-    psnr,
     read_manifest,
-    region_ssim,
     select_clips,
-    ssim_maps,
     track_clip,
 )
 from pipeline_infp.processing import FaceProcessor
@@ -109,12 +107,8 @@ def clip_ceiling(processor: FaceProcessor, path: Path, args: argparse.Namespace)
             **{method: np.stack([w[method] for w in warped]) for method in warped[0]},
         }
         for method, frames in outputs.items():
-            frames = np.ascontiguousarray(frames)
-            maps = ssim_maps(frames, real)
-            scores[method]["ssim"] += maps.mean(axis=(1, 2)).tolist()
-            for key, values in zip(REGION_KEYS, region_ssim(maps, labels)[0].T):
-                scores[method][key] += values.tolist()
-            scores[method]["psnr"] += psnr(frames, real).tolist()
+            for key, values in frame_scores(frames, real, labels).items():
+                scores[method][key] += values
     frames = len(scores["static"]["ssim"])
     return {
         "frames": frames,

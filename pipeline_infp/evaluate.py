@@ -208,6 +208,17 @@ def l1(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _squared_and_absolute_error(x, y)[1]
 
 
+def frame_scores(frames: np.ndarray, real: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Per-frame SSIM (overall, and by `face_regions` label under `REGION_KEYS`) and PSNR of frames [B, S, S, 3]
+    against the real ones, as the self-reenactment table reports them."""
+    frames = np.ascontiguousarray(frames)
+    maps = ssim_maps(frames, real)
+    scores = {"ssim": maps.mean(axis=(1, 2)).tolist(), "psnr": psnr(frames, real).tolist()}
+    for key, values in zip(REGION_KEYS, region_ssim(maps, labels)[0].T):
+        scores[key] = values.tolist()
+    return scores
+
+
 def pearson(a, b) -> float:
     """Pearson correlation of two series; 0 when either is constant (or has fewer than 3 points)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -500,13 +511,9 @@ def self_reenactment(
             labels = np.stack([face_regions(lm, args.size) for lm in landmarks])
             region_area += [np.bincount(lab.ravel(), minlength=len(REGIONS)) / lab.size for lab in labels]
             for method, frames in outputs.items():
-                frames = np.ascontiguousarray(frames)
-                maps = ssim_maps(frames, crops)
-                per_frame[method]["ssim"] += maps.mean(axis=(1, 2)).tolist()
-                for key, values in zip(REGION_KEYS, region_ssim(maps, labels)[0].T):
-                    per_frame[method][key] += values.tolist()
-                per_frame[method]["psnr"] += psnr(frames, crops).tolist()
-                per_frame[method]["l1"] += l1(frames, crops).tolist()
+                for key, values in frame_scores(frames, crops, labels).items():
+                    per_frame[method][key] += values
+                per_frame[method]["l1"] += l1(np.ascontiguousarray(frames), crops).tolist()
         with timer("self: output landmarks"):
             measured = [k for k, position in enumerate(positions) if position % LMD_STRIDE == 0]
             lmd["frame_index"] += track.indices[positions[measured]].tolist()

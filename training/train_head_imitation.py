@@ -32,7 +32,6 @@ Resume with `--resume_from_checkpoint latest`. The trained renderer is exported 
 import argparse
 import copy
 import logging
-import os
 import shutil
 import sys
 import time
@@ -199,7 +198,7 @@ class HeadImitationDataset(Dataset):
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
         self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
         self.person_prior = False  # the flow estimator's, known once it is built
-        self._processor = None  # a MediaPipe graph per process (loader workers are forked)
+        self._processor = None  # created on first use, in the process that uses it (workers are spawned then)
 
     def __len__(self) -> int:
         return self.length
@@ -258,9 +257,9 @@ class HeadImitationDataset(Dataset):
         )  # fmt: skip
 
     def processor(self) -> FaceProcessor:
-        if self._processor is None or self._processor[0] != os.getpid():
-            self._processor = (os.getpid(), FaceProcessor())
-        return self._processor[1]
+        if self._processor is None:
+            self._processor = FaceProcessor()
+        return self._processor
 
 
 def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -> list[tuple]:
