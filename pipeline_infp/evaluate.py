@@ -13,6 +13,10 @@
     its face mesh, around it (hair, ears, neck) and elsewhere (torso, background), because a renderer driven by
     a face mesh can only be expected to get the first two right; and LMD, how far MediaPipe's mesh on the output
     lies from the real frame's (face and lips, every 5th frame): whether the geometry it was given is drawn;
+    and, on the same frames, FD: the Fréchet distance between the output's and the real frames' motion features
+    (`motion_features`, the space `evaluate motion` uses; from `--features` or `<checkpoint>/motion_features.npz`),
+    whole and split into head pose and expression. LMD is per frame and averages out a small systematic
+    expression bias (e.g. a mouth drawn a little wider in every frame); FD shows it;
   * cross-identity: every `portrait` of the manifest is driven by the first `--cross-frames` frames of each
     of those clips; MediaPipe runs on the output frames, and the driver's and the output's mouth- and
     eye-aperture series are correlated (Pearson), with the fraction of output frames where a face is found.
@@ -47,6 +51,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline_infp.motion_features import MotionFeatureSpace
+from pipeline_infp.motion_metrics import frechet_distance
 from pipeline_infp.processing import (
     FaceCrop,
     FaceProcessor,
@@ -78,6 +84,8 @@ REGION_KEYS = tuple(f"ssim_{region}" for region in REGIONS)  # their columns in 
 # Landmark distance (LMD) between MediaPipe's mesh on the output and on the real frame, on every LMD_STRIDE-th
 # driving frame (~760 of the shared val clips' frames per method): does the renderer draw the geometry it was given?
 LMD_STRIDE = 5
+# FD columns: the first POSE_FEATURES motion features are head pose, the rest expression (`MotionFeatureSpace`).
+POSE_FEATURES = 6
 AROUND = 0.125  # of the crop side (32 px at 256², where the crop is 1.8x the face): hair, ears, neck
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -185,6 +193,18 @@ def landmark_distances(landmarks: np.ndarray, real: np.ndarray) -> tuple[float, 
     distance = np.linalg.norm(np.asarray(landmarks)[:468, :2] - np.asarray(real)[:468, :2], axis=1)
     scale = _inter_ocular(np.asarray(real))
     return float(distance.mean() / scale), float(distance[lips].mean() / scale)
+
+
+def motion_fidelity(generated: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
+    """Fréchet distance of output vs real motion features [N, D] (`MotionFeatureSpace.transform`): whole, head pose
+    (the first `POSE_FEATURES`) and expression (the rest); None where a set has fewer than 2 frames."""
+    if min(len(generated), len(real)) < 2:
+        return {"fd": None, "fd_pose": None, "fd_expression": None}
+    return {
+        "fd": frechet_distance(generated, real),
+        "fd_pose": frechet_distance(generated[:, :POSE_FEATURES], real[:, :POSE_FEATURES]),
+        "fd_expression": frechet_distance(generated[:, POSE_FEATURES:], real[:, POSE_FEATURES:]),
+    }
 
 
 def _squared_and_absolute_error(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -450,8 +470,11 @@ def self_reenactment(
     args: argparse.Namespace,
     timer: Timer,
     keep: int,
-) -> tuple[dict, dict]:
-    """Metrics of one clip, and the driver data cross-identity needs (first `keep` kept crops/landmarks)."""
+    space: MotionFeatureSpace | None = None,
+) -> tuple[dict, dict, dict[str, np.ndarray] | None]:
+    """Metrics of one clip, the driver data cross-identity needs (first `keep` kept crops/landmarks) and, with a
+    motion feature `space`, the motion features [N, D] of the LMD frames per method and of the real frames
+    ("real"), pooled over clips for FD."""
     max_frames = None if args.max_frames is None else args.max_frames + 1  # the source + up to max_frames
     with timer("self: face tracking"):
         track = track_clip(processor, entry.path, args.size, args.fps, max_frames, progress=args.progress)
@@ -462,7 +485,10 @@ def self_reenactment(
     region_area = []
     lmd = {"frame_index": [], **{m: {"lmd_face": [], "lmd_mouth": []} for m in methods}}
     driver = {"crops": [], "landmarks": track.landmarks[:keep], "indices": track.indices[:keep]}
-    source = source_lm = portrait = None
+    # FD compares MediaPipe on output crops with MediaPipe on the real crops (not the full-frame track), so that
+    # detection on a 256² crop biases both sides alike; the source crop's mesh anchors head position.
+    detected = {name: [] for name in ["real", *methods]}
+    source = source_lm = source_detected = portrait = None
     reconstruction = {}
     bar = tqdm(total=len(track.indices), desc=entry.id, unit="frame", leave=False, disable=not args.progress)
     for positions, crops in iter_crops(entry.path, track, args.fps, args.batch_size):
@@ -471,6 +497,12 @@ def self_reenactment(
             driver["crops"].append(crops[: keep - sum(len(c) for c in driver["crops"])])
         if source is None:
             source, source_lm = crops[0], track.landmarks[0]
+            if space is not None:
+                with timer("self: output landmarks"):
+                    try:
+                        source_detected = processor.landmarks(source)
+                    except NoFaceDetectedError:
+                        source_detected = source_lm
             if renderer is not None:
                 with timer("self: renderer"):
                     portrait = renderer.encode_portrait(source, source_lm)
@@ -517,16 +549,27 @@ def self_reenactment(
         with timer("self: output landmarks"):
             measured = [k for k, position in enumerate(positions) if position % LMD_STRIDE == 0]
             lmd["frame_index"] += track.indices[positions[measured]].tolist()
+            if space is not None:
+                for k in measured:
+                    with contextlib.suppress(NoFaceDetectedError):
+                        detected["real"].append(processor.landmarks(crops[k]))
             for method, frames in outputs.items():
                 for k in measured:
                     try:
-                        face, mouth = landmark_distances(processor.landmarks(frames[k]), landmarks[k])
+                        found = processor.landmarks(frames[k])
                     except NoFaceDetectedError:  # left out of the means (the face-found check is cross-identity's)
                         face = mouth = float("nan")
+                    else:
+                        face, mouth = landmark_distances(found, landmarks[k])
+                        if space is not None:
+                            detected[method].append(found)
                     lmd[method]["lmd_face"].append(face)
                     lmd[method]["lmd_mouth"].append(mouth)
     bar.close()
     driver["crops"] = np.concatenate(driver["crops"]) if driver["crops"] else np.zeros((0, args.size, args.size, 3))
+    features = None
+    if space is not None:  # each series starts at the source, the origin of the pose features' head position
+        features = {name: space.transform(np.stack([source_detected, *lms]))[1:] for name, lms in detected.items()}
     result = {
         "id": entry.id,
         "path": str(entry.path),
@@ -543,7 +586,7 @@ def self_reenactment(
         "per_frame": {"frame_index": track.indices[1:].tolist(), **per_frame},
         "landmark_distances": lmd,
     }
-    return result, driver
+    return result, driver, features
 
 
 def cross_identity(
@@ -628,10 +671,15 @@ def _prepare_portraits(
     return portraits, skipped
 
 
-def _summarise(clips: list[dict], pairs: list[dict]) -> dict:
+def _summarise(clips: list[dict], pairs: list[dict], features: list[dict[str, np.ndarray]]) -> dict:
+    """Per method: means over clips and pairs, and FD over the motion features pooled from every clip."""
     summary = {}
+    real = np.concatenate([f["real"] for f in features]) if features else None
     for method in METHODS:
         row = {}
+        generated = [f[method] for f in features if method in f]
+        if generated:
+            row.update(motion_fidelity(np.concatenate(generated), real))
         per_clip = [c["methods"][method] for c in clips if method in c["methods"]]
         for key in ("ssim", "psnr", "l1", *REGION_KEYS, "lmd_face", "lmd_mouth"):
             values = [v[key] for v in per_clip if math.isfinite(v[key])]
@@ -662,6 +710,9 @@ def format_table(summary: dict, note: str = "") -> str:
         *((f"SSIM {region} ↑", key, "{:.4f}") for region, key in zip(REGIONS, REGION_KEYS)),
         ("LMD face ↓", "lmd_face", "{:.4f}"),
         ("LMD mouth ↓", "lmd_mouth", "{:.4f}"),
+        ("FD ↓", "fd", "{:.2f}"),
+        ("FD pose ↓", "fd_pose", "{:.3f}"),
+        ("FD expr ↓", "fd_expression", "{:.2f}"),
         ("mouth corr ↑", "mouth_corr", "{:+.3f}"),
         ("eye corr ↑", "eye_corr", "{:+.3f}"),
         ("face found", "face_found", "{:.1%}"),
@@ -707,6 +758,23 @@ def _machine(device: str) -> dict:
     return info
 
 
+def _feature_space(args: argparse.Namespace) -> tuple[MotionFeatureSpace | None, Path | None]:
+    """(space, its file): `--features`, else the checkpoint's motion_features.npz when it has one (without
+    either: no FD columns)."""
+    if args.features:
+        if not Path(args.features).is_file():
+            raise SystemExit(
+                f"--features {args.features}: no such file. Give a motion feature space .npz (`evaluate motion` "
+                "saves one beside the checkpoint) or leave the option out."
+            )
+        return MotionFeatureSpace.load(args.features), Path(args.features)
+    path = Path(args.checkpoint) / "motion_features.npz" if args.checkpoint else None
+    if path is not None and path.is_file():
+        return MotionFeatureSpace.load(path), path
+    logger.info("No motion feature space (no --features, none in the checkpoint): the FD columns are left out.")
+    return None, None
+
+
 def run_reenactment(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     timer = Timer()
@@ -715,6 +783,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
     portrait_entries = [e for e in entries if e.kind == "portrait"]
     portrait_entries = spread(portrait_entries, args.cross_portraits)
 
+    space, space_path = _feature_space(args)  # before anything slow: a wrong --features path fails at once
     renderer = None
     if args.checkpoint:
         from pipeline_infp.pipeline_infp import INFPPipeline
@@ -725,7 +794,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         renderer = Renderer(pipe, args.batch_size)
     torch.manual_seed(0)
 
-    clip_results, pairs, skipped_clips = [], [], []
+    clip_results, pairs, skipped_clips, clip_features = [], [], [], []
     with FaceProcessor() as processor:
         portraits, skipped_portraits = (
             _prepare_portraits(portrait_entries, processor, renderer, args, timer)
@@ -734,16 +803,20 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         )
         for entry in tqdm(clips, desc="clips", unit="clip", disable=not args.progress):
             try:
-                result, driver = self_reenactment(entry, processor, renderer, args, timer, keep=args.cross_frames)
+                result, driver, features = self_reenactment(
+                    entry, processor, renderer, args, timer, keep=args.cross_frames, space=space
+                )
             except (INFPInputError, OSError) as error:
                 skipped_clips.append({"id": entry.id, "path": str(entry.path), "error": str(error)})
                 logger.warning("Skipping clip %s: %s", entry.id, error)
                 continue
             clip_results.append(result)
+            if features is not None:
+                clip_features.append(features)
             if portraits:
                 pairs += cross_identity(entry.id, driver, portraits, processor, renderer, args, timer)
 
-    summary = _summarise(clip_results, pairs)
+    summary = _summarise(clip_results, pairs, clip_features)
     wall = time.perf_counter() - start
     note = (
         f"Self-reenactment (SSIM, PSNR, L1 at {args.size}² over the {args.crop} face crop, mean of per-clip means): "
@@ -751,7 +824,14 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         f"SSIM by region of the real frame: inside its face mesh, within {AROUND:g} x the crop side of it, "
         f"elsewhere ({_area_note(clip_results)} of the crop on average). LMD: mean distance of MediaPipe's mesh on "
         f"the output from the real frame's, face and lips, in inter-ocular distances, every {LMD_STRIDE}th frame. "
-        f"Cross-identity (Pearson correlation of driver vs output mouth/eye aperture measured by MediaPipe, "
+        + (
+            f"FD: Fréchet distance of the output's motion features (MediaPipe, same frames) from the real frames', "
+            f"pooled over clips; pose = the first {POSE_FEATURES} features (head angles, position, scale), "
+            f"expr = the rest. "
+            if space is not None
+            else ""
+        )
+        + f"Cross-identity (Pearson correlation of driver vs output mouth/eye aperture measured by MediaPipe, "
         f"mean over pairs; a constant output series counts as 0, so `static` is 0 by construction): "
         f"{len(portraits)} portraits x {len(clip_results)} clips, first {args.cross_frames} frames. "
         f"Wall time {wall:.0f} s."
@@ -776,6 +856,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
             "max_frames": args.max_frames,
             "cross_frames": args.cross_frames,
             "cross_portraits": args.cross_portraits,
+            "motion_features": str(space_path.resolve()) if space_path else None,
             "batch_size": args.batch_size,
             "device": args.device,
             "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid positions, per RGB channel then mean",
@@ -844,6 +925,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="fixed",
         help="fixed: every frame cut with the source frame's crop (the head moves, as in the pipeline's output); "
         "tracked: each frame cut around its own face (the background moves). Default fixed",
+    )
+    sub.add_argument(
+        "--features",
+        help="motion feature space .npz for the FD columns (default <checkpoint>/motion_features.npz when present)",
     )
     sub.add_argument("--fps", type=float, default=25.0, help="clips are resampled to this rate (default 25)")
     sub.add_argument("--max-frames", type=_positive_int, help="cap on driving frames per clip (default: all)")

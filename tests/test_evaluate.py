@@ -20,6 +20,7 @@ from pipeline_infp.evaluate import (
     l1,
     landmark_distances,
     main,
+    motion_fidelity,
     pearson,
     psnr,
     region_ssim,
@@ -29,6 +30,7 @@ from pipeline_infp.evaluate import (
     ssim_maps,
     track_clip,
 )
+from pipeline_infp.motion_features import MotionFeatureSpace
 from pipeline_infp.processing import FaceProcessor, apply_matrix, read_video
 
 C1, C2 = 0.01**2, 0.03**2
@@ -247,6 +249,9 @@ def test_fixed_crop_track_cuts_every_frame_with_the_first_frames_crop(shared_dat
 def evaluation(shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     build_pipeline("tiny").save_pretrained(tmp / "pipe")
+    with FaceProcessor() as processor:  # the FD columns' feature space, as `evaluate motion` saves it
+        track = track_clip(processor, shared_data / "video" / f"{CLIP}.mp4", max_frames=20)
+    MotionFeatureSpace.fit([track.landmarks], components=4).save(tmp / "pipe" / "motion_features.npz")
     with open(shared_data / "manifest.csv", newline="") as handle:
         rows = {row["id"]: row for row in csv.DictReader(handle)}
     Image.new("RGB", (96, 96), (128, 128, 128)).save(tmp / "blank.png")  # a "portrait" without a face
@@ -261,7 +266,7 @@ def evaluation(shared_data, tmp_path_factory):
     out = tmp / "eval.json"
     returned = main(
         ["reenactment", "--manifest", str(tmp / "manifest.csv"), "--checkpoint", str(tmp / "pipe"),
-         "--json", str(out), "--max-frames", "6", "--cross-frames", "5", "--batch-size", "4", "--no-progress"]
+         "--json", str(out), "--max-frames", "10", "--cross-frames", "5", "--batch-size", "4", "--no-progress"]
     )  # fmt: skip
     return returned, json.loads(out.read_text()), tmp
 
@@ -272,7 +277,8 @@ def test_evaluation_json_structure(evaluation):
     assert results["command"] == "reenactment"
     assert results["manifest"] == str((tmp / "manifest.csv").resolve())
     assert results["checkpoint"] == str((tmp / "pipe").resolve())
-    assert results["settings"]["max_frames"] == 6 and results["settings"]["size"] == 256
+    assert results["settings"]["max_frames"] == 10 and results["settings"]["size"] == 256
+    assert results["settings"]["motion_features"] == str((tmp / "pipe" / "motion_features.npz").resolve())
     assert results["settings"]["crop"] == "fixed"
     assert {"platform", "cpu_count", "torch", "device"} <= set(results["machine"])
     assert results["wall_time_s"] > 0 and results["timings_s"]["self: face tracking"] > 0
@@ -282,25 +288,29 @@ def test_evaluation_json_structure(evaluation):
     assert check["min"] == 0.99 and check["ok"] == (check["value"] >= 0.99)
 
     [clip] = results["self_reenactment"]  # only the val clip
-    assert clip["id"] == CLIP and clip["driving_frames"] == 6 and clip["frames_read"] == 7
-    assert len(clip["per_frame"]["frame_index"]) == 6
+    assert clip["id"] == CLIP and clip["driving_frames"] == 10 and clip["frames_read"] == 11
+    assert len(clip["per_frame"]["frame_index"]) == 10
     for method in ("static", "mesh warp", "prior warp", "renderer"):
         metrics = clip["methods"][method]
         assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 10 and 0 <= metrics["l1"] < 0.5
-        assert len(clip["per_frame"][method]["ssim"]) == 6
+        assert len(clip["per_frame"][method]["ssim"]) == 10
         assert np.mean(clip["per_frame"][method]["psnr"]) == pytest.approx(metrics["psnr"], abs=1e-3)
         for region in REGIONS:  # every region is present in these frames
-            assert len(clip["per_frame"][method][f"ssim_{region}"]) == 6 and 0 < metrics[f"ssim_{region}"] <= 1
+            assert len(clip["per_frame"][method][f"ssim_{region}"]) == 10 and 0 < metrics[f"ssim_{region}"] <= 1
         summary = results["summary"][method]
         assert summary["ssim"] == pytest.approx(metrics["ssim"], abs=1e-5) and summary["clips"] == 1
         assert summary["ssim_face"] == pytest.approx(metrics["ssim_face"], abs=1e-5)
     assert sum(clip["region_area"].values()) == pytest.approx(1) and "SSIM around" in results["table"]
-    # Landmark distances on every 5th driving frame: of the 6 here, the 5th (the source is frame 0).
+    # Landmark distances on every 5th driving frame: of the 10 here, the 5th and 10th (the source is frame 0).
     lmd = clip["landmark_distances"]
-    assert lmd["frame_index"] == [clip["per_frame"]["frame_index"][4]] and "LMD mouth" in results["table"]
+    assert lmd["frame_index"] == clip["per_frame"]["frame_index"][4::5] and "LMD mouth" in results["table"]
     for method in ("static", "mesh warp", "prior warp", "renderer"):
-        assert len(lmd[method]["lmd_face"]) == 1 and 0 < clip["methods"][method]["lmd_face"] < 1
+        assert len(lmd[method]["lmd_face"]) == 2 and 0 < clip["methods"][method]["lmd_face"] < 1
         assert results["summary"][method]["lmd_mouth"] == pytest.approx(clip["methods"][method]["lmd_mouth"], abs=1e-5)
+        # FD on those frames' motion features: a whole never closer than its pose or expression part.
+        fd = results["summary"][method]
+        assert 0 <= fd["fd_pose"] <= fd["fd"] + 1e-6 and 0 <= fd["fd_expression"] <= fd["fd"] + 1e-6
+    assert "FD expr" in results["table"] and "pose = the first 6 features" in results["table"]
 
     [pair] = results["cross_identity"]  # the blank portrait is skipped, not fatal
     assert [p["id"] for p in results["skipped"]["portraits"]] == ["blank"] and results["portraits"] == [PORTRAIT]
@@ -324,6 +334,26 @@ def test_sanity_of_the_baselines(evaluation):
     assert warped["ssim"] > static["ssim"] or warped["psnr"] > static["psnr"], (static, warped)
     # The mesh warp moves the portrait's face with the driver, and MediaPipe still finds it.
     assert results["cross_identity"][0]["methods"]["mesh warp"]["face_found"] == 1
+
+
+def test_missing_feature_space_file_is_a_clear_error(evaluation):
+    _, _, tmp = evaluation
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["reenactment", "--manifest", str(tmp / "manifest.csv"), "--features", str(tmp / "missing.npz")])
+
+
+def test_motion_fidelity_splits_pose_from_expression():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 10))
+    assert motion_fidelity(real, real) == pytest.approx({"fd": 0, "fd_pose": 0, "fd_expression": 0}, abs=1e-6)
+    biased = real.copy()
+    biased[:, 8] += 1.0  # every frame's 3rd expression feature off by one unit: only the expression part sees it
+    scores = motion_fidelity(biased, real)
+    assert scores["fd_pose"] == pytest.approx(0, abs=1e-6)
+    assert scores["fd_expression"] == pytest.approx(1.0, abs=1e-6) and scores["fd"] == pytest.approx(1.0, abs=1e-6)
+    still = np.repeat(real[:1], 50, axis=0)  # a constant output misses the real spread: its variance counts
+    assert motion_fidelity(still, real)["fd_pose"] > 1
+    assert motion_fidelity(real[:1], real) == {"fd": None, "fd_pose": None, "fd_expression": None}
 
 
 def test_table_formatting():
