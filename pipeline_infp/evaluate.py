@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline_infp.motion_features import MotionFeatureSpace
+from pipeline_infp.motion_features import POSE_DIM, MotionFeatureSpace
 from pipeline_infp.motion_metrics import frechet_distance
 from pipeline_infp.processing import (
     FaceCrop,
@@ -84,8 +84,6 @@ REGION_KEYS = tuple(f"ssim_{region}" for region in REGIONS)  # their columns in 
 # Landmark distance (LMD) between MediaPipe's mesh on the output and on the real frame, on every LMD_STRIDE-th
 # driving frame (~760 of the shared val clips' frames per method): does the renderer draw the geometry it was given?
 LMD_STRIDE = 5
-# FD columns: the first POSE_FEATURES motion features are head pose, the rest expression (`MotionFeatureSpace`).
-POSE_FEATURES = 6
 AROUND = 0.125  # of the crop side (32 px at 256², where the crop is 1.8x the face): hair, ears, neck
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -197,13 +195,13 @@ def landmark_distances(landmarks: np.ndarray, real: np.ndarray) -> tuple[float, 
 
 def motion_fidelity(generated: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
     """Fréchet distance of output vs real motion features [N, D] (`MotionFeatureSpace.transform`): whole, head pose
-    (the first `POSE_FEATURES`) and expression (the rest); None where a set has fewer than 2 frames."""
+    (the first `POSE_DIM`) and expression (the rest); None where a set has fewer than 2 frames."""
     if min(len(generated), len(real)) < 2:
         return {"fd": None, "fd_pose": None, "fd_expression": None}
     return {
         "fd": frechet_distance(generated, real),
-        "fd_pose": frechet_distance(generated[:, :POSE_FEATURES], real[:, :POSE_FEATURES]),
-        "fd_expression": frechet_distance(generated[:, POSE_FEATURES:], real[:, POSE_FEATURES:]),
+        "fd_pose": frechet_distance(generated[:, :POSE_DIM], real[:, :POSE_DIM]),
+        "fd_expression": frechet_distance(generated[:, POSE_DIM:], real[:, POSE_DIM:]),
     }
 
 
@@ -826,7 +824,7 @@ def run_reenactment(args: argparse.Namespace) -> dict:
         f"the output from the real frame's, face and lips, in inter-ocular distances, every {LMD_STRIDE}th frame. "
         + (
             f"FD: Fréchet distance of the output's motion features (MediaPipe, same frames) from the real frames', "
-            f"pooled over clips; pose = the first {POSE_FEATURES} features (head angles, position, scale), "
+            f"pooled over clips; pose = the first {POSE_DIM} features (head angles, position, scale), "
             f"expr = the rest. "
             if space is not None
             else ""

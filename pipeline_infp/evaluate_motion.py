@@ -46,7 +46,7 @@ from pipeline_infp.evaluate import (
     write_json,
 )
 from pipeline_infp.generate import add_silent_mouth_argument
-from pipeline_infp.motion_features import MotionFeatureSpace
+from pipeline_infp.motion_features import POSE_DIM, MotionFeatureSpace
 from pipeline_infp.motion_metrics import (
     blinks_per_minute,
     closed_mouth_fraction,
@@ -451,8 +451,9 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
     if not truth:
         raise ValueError("No val talking clip could be evaluated: the metrics need ground truth.")
     truth_frames = np.concatenate([r["features"] for r in truth])
-    expression = KMeans(n_clusters=min(40, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, 6:])
-    pose = KMeans(n_clusters=min(20, len(truth_frames)), n_init=3, random_state=0).fit(truth_frames[:, :6])
+    truth_pose, truth_expression = truth_frames[:, :POSE_DIM], truth_frames[:, POSE_DIM:]
+    expression = KMeans(n_clusters=min(40, len(truth_frames)), n_init=3, random_state=0).fit(truth_expression)
+    pose = KMeans(n_clusters=min(20, len(truth_frames)), n_init=3, random_state=0).fit(truth_pose)
     fps = args.fps
     summary, lip_sync = {}, {}
     for method, records in results.items():
@@ -471,8 +472,8 @@ def summarise(results: dict, space: MotionFeatureSpace, args) -> tuple[dict, dic
                 truth_frames,
                 np.concatenate([t["speech"] for t in truth]),
             ),  # fmt: skip
-            "sid_expression": sid([r["features"][:, 6:] for r in compared], expression.cluster_centers_),
-            "sid_pose": sid([r["features"][:, :6] for r in compared], pose.cluster_centers_),
+            "sid_expression": sid([r["features"][:, POSE_DIM:] for r in compared], expression.cluster_centers_),
+            "sid_pose": sid([r["features"][:, :POSE_DIM] for r in compared], pose.cluster_centers_),
             "variance": temporal_variance([r["features"] for r in compared]),
             "rpcc": float(
                 np.mean(

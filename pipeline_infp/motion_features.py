@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MotionFeatureSpace", "align", "pose_angles"]
+__all__ = ["POSE_DIM", "MotionFeatureSpace", "align", "pose_angles"]
 
 _POINTS = 468  # the mesh without the iris points
+# A frame's features start with its head pose (yaw, pitch, roll, centre x, y, log scale); expression follows.
+POSE_DIM = 6
 
 
 def align(points: np.ndarray, reference: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -46,11 +48,11 @@ class MotionFeatureSpace:
     expression_mean: np.ndarray  # [468 * 3]
     expression_basis: np.ndarray  # [k, 468 * 3]
     expression_scale: np.ndarray  # [k]
-    pose_scale: np.ndarray  # [6]
+    pose_scale: np.ndarray  # [POSE_DIM]
 
     @property
     def dim(self) -> int:
-        return 6 + len(self.expression_basis)
+        return POSE_DIM + len(self.expression_basis)
 
     @staticmethod
     def _normalised(landmarks: np.ndarray) -> np.ndarray:
@@ -72,7 +74,7 @@ class MotionFeatureSpace:
         return poses, np.array(shapes)
 
     def transform(self, landmarks: np.ndarray) -> np.ndarray:
-        """Features [T, 6 + k] of a landmark sequence [T, 478, 3]: pose then expression, each dimension scaled
+        """Features [T, POSE_DIM + k] of a landmark sequence [T, 478, 3]: pose then expression, each dimension scaled
         to unit spread on the fitting set."""
         poses, shapes = self._raw(landmarks)
         expression = (shapes - self.expression_mean) @ self.expression_basis.T / self.expression_scale
@@ -89,7 +91,7 @@ class MotionFeatureSpace:
                 scale, rotation, _ = align(frame, reference)
                 aligned.append(scale * (frame - frame.mean(0)) @ rotation.T)
             reference = np.mean(aligned, axis=0)
-        space = cls(reference, np.zeros(reference.size), np.zeros((0, reference.size)), np.ones(0), np.ones(6))
+        space = cls(reference, np.zeros(reference.size), np.zeros((0, reference.size)), np.ones(0), np.ones(POSE_DIM))
         poses, shapes = zip(*(space._raw(s) for s in sequences))
         poses, shapes = np.concatenate(poses), np.concatenate(shapes)
         mean = shapes.mean(0)
