@@ -61,6 +61,7 @@ from pipeline_infp.processing import (  # noqa: E402
     mesh_flow,
     mesh_warp,
     prior_flow,
+    warp_lock,
 )
 from pipeline_infp.processing.face import crop_to_crop, mouth_aperture  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
@@ -139,6 +140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(kept when fine-tuning weights trained with it)",
     )  # fmt: skip
     parser.add_argument(
+        "--warp_lock_margin", type=float, default=None,
+        help="the output is the warped source inside the driving face oval grown by this fraction of the face size "
+        "(less the mouth opening), so the decoder draws only the mouth's inside and what lies round the face "
+        "(`processing.warp_lock`); stored in the face decoder's config, so the pipeline does the same (kept when "
+        "fine-tuning weights trained with it). Default: the learned blend everywhere",
+    )  # fmt: skip
+    parser.add_argument(
         "--basis_samples", type=int, default=20000, help="frame pairs for fitting the motion encoder's landmark basis"
     )
     parser.add_argument("--feature_matching_weight", type=float, default=1.0)
@@ -198,6 +206,7 @@ class HeadImitationDataset(Dataset):
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
         self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
         self.person_prior = False  # the flow estimator's, known once it is built
+        self.warp_lock_margin = None  # the face decoder's, likewise
         self._processor = None  # created on first use, in the process that uses it (workers are spawned then)
 
     def __len__(self) -> int:
@@ -253,7 +262,7 @@ class HeadImitationDataset(Dataset):
         person = self.processor().person_mask(source) if self.person_prior else None
         return pair_tensors(
             source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
-            self.with_optical_flow, person,
+            self.with_optical_flow, person, self.warp_lock_margin,
         )  # fmt: skip
 
     def processor(self) -> FaceProcessor:
@@ -295,13 +304,15 @@ def pair_tensors(
     landmark_basis=None,
     with_optical_flow=False,
     person_mask=None,
+    warp_lock_margin=None,
 ) -> dict:
     """The renderer's inputs, target and supervision for one pair: both frames and the valid mask at `resolution`,
     both hybrid representations at the crop size (the motion encoder resizes them, as in the pipeline), the
     driving mesh's offsets from the source's, the prior flow of the mesh the motion encoder can represent
     (offsets projected on `landmark_basis` [k, N·3] when given), the exact mesh flow with its mask, and when asked the
     optical flow of the two frames with its mask (`optical_flow`; 5 ms a pair at 128²). The prior is carried over
-    the source's `person_mask` when given (`prior_flow`)."""
+    the source's `person_mask` when given (`prior_flow`); with `warp_lock_margin`, the face decoder's `warp_lock` of
+    the same mesh."""
     size = source.shape[0]
     offsets = landmark_offsets(lm_driving, lm_source)
     encodable = lm_driving
@@ -324,6 +335,8 @@ def pair_tensors(
         "mesh_flow": torch.from_numpy(flow),
         "mesh_mask": torch.from_numpy(mask)[None],
     }
+    if warp_lock_margin is not None:
+        tensors["warp_lock"] = torch.from_numpy(warp_lock(encodable, size, resolution, warp_lock_margin))[None]
     if with_optical_flow:
         optical, consistent = optical_flow(small_source, small_driving)
         tensors["optical_flow"] = torch.from_numpy(optical)
@@ -406,13 +419,13 @@ class Renderer(nn.Module):
         for name, module in components.items():
             self.add_module(name, module)
 
-    def forward(self, source, source_hybrid, driving_hybrid, driving_offsets, prior_flow):
+    def forward(self, source, source_hybrid, driving_hybrid, driving_offsets, prior_flow, warp_lock=None):
         offsets = torch.cat([torch.zeros_like(driving_offsets), driving_offsets])  # the source is its own reference
         latents = self.motion_encoder(torch.cat([source_hybrid, driving_hybrid]), offsets)
         source_latent, driving_latent = latents.chunk(2)
         features = self.appearance_encoder(source)
         flow = self.flow_estimator(source_latent, driving_latent, features, prior_flow)
-        decoded = self.face_decoder(features, flow.flow, flow.occlusion, source)
+        decoded = self.face_decoder(features, flow.flow, flow.occlusion, source, warp_lock)
         return decoded, flow
 
 
@@ -467,9 +480,8 @@ def build_renderer(args) -> dict:
 
 
 def render_batch(renderer, batch):
-    return renderer(
-        batch["source"], batch["source_hybrid"], batch["driving_hybrid"], batch["driving_offsets"], batch["prior_flow"]
-    )
+    inputs = ("source", "source_hybrid", "driving_hybrid", "driving_offsets", "prior_flow")
+    return renderer(*(batch[name] for name in inputs), batch.get("warp_lock"))
 
 
 def fill_invalid(target, output, valid):
@@ -518,7 +530,7 @@ def validate(renderer, batch, step: int, output_dir: Path) -> dict:
 
 
 def fixed_validation_batch(
-    data: PreparedDataset, args, landmark_basis, person_prior: bool = False, count: int = 6
+    data: PreparedDataset, args, landmark_basis, person_prior: bool = False, warp_lock_margin=None, count: int = 6
 ) -> dict | None:
     """Pairs (first frame → a frame further on, in the first frame's crop) spread over the val clips, without
     augmentation."""
@@ -547,6 +559,7 @@ def fixed_validation_batch(
                     args.resolution,
                     landmark_basis,
                     person_mask=person,
+                    warp_lock_margin=warp_lock_margin,
                 )  # fmt: skip
             )
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
@@ -628,6 +641,10 @@ def main(argv=None):
     renderer = Renderer(build_renderer(args))
     person_prior = args.person_prior or renderer.flow_estimator.config.person_prior
     renderer.flow_estimator.register_to_config(person_prior=person_prior)
+    lock_margin = args.warp_lock_margin
+    if lock_margin is None:
+        lock_margin = renderer.face_decoder.config.warp_lock_margin
+    renderer.face_decoder.register_to_config(warp_lock_margin=lock_margin)
     # MediaPipe's graphs do not survive a fork of a process that has run one: spawn the loader's workers then.
     spawn = person_prior and args.dataloader_num_workers > 0
     loader = DataLoader(
@@ -653,8 +670,8 @@ def main(argv=None):
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     dataset.resumed_at = global_step  # new random draws, and the dataset knows how far training is
     dataset.landmark_basis = accelerator.unwrap_model(renderer).motion_encoder.landmark_basis.cpu().numpy()
-    dataset.person_prior = person_prior
-    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis, person_prior)
+    dataset.person_prior, dataset.warp_lock_margin = person_prior, lock_margin
+    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis, person_prior, lock_margin)
 
     logger.info(
         "Training on %d clips (+%d portraits), %d steps of %d x %d processes",

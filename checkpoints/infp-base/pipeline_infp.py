@@ -53,6 +53,7 @@ from pipeline_infp.processing import (
     read_video,
     silence_weights,
     voice_activity,
+    warp_lock,
 )
 from pipeline_infp.processing import paste_back as paste_back_frames
 
@@ -632,6 +633,19 @@ class INFPPipeline(DiffusionPipeline):
 
         return torch.from_numpy(np.stack(list(pool.map(flow, meshes)) if pool else [flow(m) for m in meshes]))
 
+    def warp_locks(self, portrait: PortraitEncoding, meshes: np.ndarray, pool: Executor | None = None):
+        """The face decoder's `warp_lock` masks [T, 1, S, S] for `meshes` [T, 478, 3] (on the CPU), or None when
+        the decoder has no `warp_lock_margin`."""
+        margin = self.face_decoder.config.warp_lock_margin
+        if margin is None:
+            return None
+        size = portrait.image.shape[-1]
+
+        def lock(driving: np.ndarray) -> np.ndarray:
+            return warp_lock(driving, size, margin=margin)
+
+        return torch.from_numpy(np.stack(list(pool.map(lock, meshes)) if pool else [lock(m) for m in meshes]))[:, None]
+
     @torch.no_grad()
     def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Frames [T, 3, S, S] in [0, 1] (S: the portrait crop's size) from motion latents [T, latent_dim]."""
@@ -645,11 +659,14 @@ class INFPPipeline(DiffusionPipeline):
         with ThreadPoolExecutor(max_workers=min(batch_size, os.cpu_count() or 1)) as pool:
             for start in range(0, motion_latents.shape[0], batch_size):
                 driving = motion_latents[start : start + batch_size].to(dtype)
-                prior = self.prior_flows(portrait, meshes[start : start + batch_size], pool).to(device, dtype)
+                batch_meshes = meshes[start : start + batch_size]
+                prior = self.prior_flows(portrait, batch_meshes, pool).to(device, dtype)
+                lock = self.warp_locks(portrait, batch_meshes, pool)
                 flow = self.flow_estimator(portrait.latent.to(dtype), driving, portrait.features.to(dtype), prior)
                 image = self.face_decoder(
-                    portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype)
-                ).sample
+                    portrait.features.to(dtype), flow.flow, flow.occlusion, portrait.image.to(dtype),
+                    None if lock is None else lock.to(device, dtype),
+                ).sample  # fmt: skip
                 frames.append(((image.float() + 1) / 2).clamp(0, 1))
         return torch.cat(frames)
 

@@ -4,7 +4,10 @@ It warps the portrait's feature volume with the estimated flow, dims what the oc
 not visible in the source, and synthesises the frame at the renderer's working resolution. The output
 at full resolution blends two things with a predicted per-pixel mask: the source image itself warped by
 the same (upsampled) flow, which keeps the portrait's detail sharp at any output size, and the
-synthesised frame, which supplies what warping cannot (an opened mouth, teeth, disocclusions).
+synthesised frame, which supplies what warping cannot (an opened mouth, teeth, disocclusions). With
+`warp_lock_margin` set, the face itself and a band round it are the warped source alone (the `warp_lock`
+input overrides the blend there): synthesised pixels on the face shift the expression a face tracker reads,
+the warp follows the driving mesh.
 """
 
 from dataclasses import dataclass
@@ -53,7 +56,10 @@ class FaceDecoder(ModelMixin, ConfigMixin):
         up_channels: tuple[int, ...] = (64, 32),
         norm_groups: int = 8,
         blend_init: float = 2.0,
+        warp_lock_margin: float | None = None,
     ):
+        """`warp_lock_margin`: the band round the face oval (in face sizes) of the `warp_lock` mask the pipeline
+        computes for this decoder (`processing.warp_lock`), or None for the learned blend everywhere."""
         super().__init__()
         self.mid_blocks = nn.ModuleList(
             ResnetBlock2D(in_channels=feature_channels, temb_channels=None, groups=norm_groups)
@@ -78,9 +84,11 @@ class FaceDecoder(ModelMixin, ConfigMixin):
         flow: torch.Tensor,
         occlusion: torch.Tensor,
         source_image: torch.Tensor,
+        warp_lock: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> FaceDecoderOutput | tuple:
-        """source_image: the portrait crop [B or 1, 3, H, W] in [-1, 1] at the output resolution."""
+        """source_image: the portrait crop [B or 1, 3, H, W] in [-1, 1] at the output resolution; warp_lock:
+        [B, 1, H, W] in [0, 1], where the output is the warped source regardless of the learned blend."""
         hidden = warp(source_features, flow)
         if occlusion.shape[-2:] != hidden.shape[-2:]:
             occlusion = F.interpolate(occlusion, size=hidden.shape[-2:], mode="bilinear", align_corners=False)
@@ -94,6 +102,8 @@ class FaceDecoder(ModelMixin, ConfigMixin):
         if out.shape[-2:] != size:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         synthesised, blend = out[:, :3], torch.sigmoid(out[:, 3:])
+        if warp_lock is not None:
+            blend = torch.maximum(blend, warp_lock.to(blend))
         warped = warp(source_image, flow)
         sample = blend * warped + (1 - blend) * synthesised
         if not return_dict:

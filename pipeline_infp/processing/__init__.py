@@ -44,6 +44,7 @@ from .mesh_warp import (
     prior_flow,
     prior_warp,
     retarget_landmarks,
+    warp_lock,
 )
 from .video import audio_delay, read_audio_track, read_video, write_video
 
@@ -86,6 +87,7 @@ __all__ = [
     "read_audio_track",
     "read_video",
     "retarget_landmarks",
+    "warp_lock",
     "silence_weights",
     "voice_activity",
     "write_video",

@@ -21,7 +21,7 @@ import functools
 import cv2
 import numpy as np
 
-from .face import _EYE_OUTER_CORNERS
+from .face import _EYE_OUTER_CORNERS, _face_size
 
 __all__ = [
     "apply_landmark_offsets",
@@ -33,7 +33,11 @@ __all__ = [
     "prior_flow",
     "prior_warp",
     "retarget_landmarks",
+    "warp_lock",
 ]
+
+# MediaPipe's inner lip contour, in order round the mouth opening.
+_INNER_LIP_RING = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
 
 # Fill triangles (eye and mouth openings) lose z-ties against the real surface by this fraction of the
 # face size, so where a fan overlaps an eyelid the eyelid wins.
@@ -409,6 +413,24 @@ def moved_region(
     grow = max(1, round(size / 32))
     moved = cv2.dilate(moved, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2))
     return np.clip(cv2.GaussianBlur(moved.astype(np.float32), (0, 0), size / 64), 0, 1)
+
+
+def warp_lock(
+    driving_landmarks: np.ndarray, size: int, out_size: int | None = None, margin: float = 0.1
+) -> np.ndarray:
+    """Where the renderer's output is the warped portrait itself, float32 [h, w] in [0, 1] (h = `out_size` or
+    `size`): the driving mesh's face oval grown by `margin` × the face size, less the mouth opening (inner lips),
+    which the decoder draws (teeth, tongue, lips closing over a gap); edges feathered over 2/256 of the side.
+    The warp follows the mesh there, while synthesised pixels on the face and along the jaw shift the expression
+    that a face tracker reads (`FaceDecoder`'s `warp_lock_margin`)."""
+    out_size = out_size or size
+    points = (np.asarray(driving_landmarks, dtype=np.float32)[:, :2] + 0.5) * (out_size / size) - 0.5
+    oval = cv2.convexHull(np.round(points[_face_outline()]).astype(np.int32))
+    lock = np.zeros((out_size, out_size), np.float32)
+    cv2.fillConvexPoly(lock, oval, 1.0)
+    cv2.polylines(lock, [oval], True, 1.0, thickness=max(1, round(2 * margin * _face_size(points))))
+    cv2.fillPoly(lock, [np.round(points[list(_INNER_LIP_RING)]).astype(np.int32)], 0.0)
+    return cv2.GaussianBlur(lock, (0, 0), 2 * out_size / 256)
 
 
 def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:

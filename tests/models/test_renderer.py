@@ -140,3 +140,20 @@ def test_face_decoder_uses_flow_and_occlusion():
         hidden = decoder(*decoder_inputs(decoder, occlusion_value=0.0)).sample
     assert F.l1_loss(still, moved) > 1e-3
     assert F.l1_loss(still, hidden) > 1e-3
+
+
+def test_face_decoder_warp_lock_makes_the_output_the_warped_source_where_it_is_one():
+    decoder = randomize(tiny_model("face_decoder"))
+    features, flow, occlusion, image = decoder_inputs(decoder, flow_value=0.1)
+    lock = torch.zeros(1, 1, 128, 128)
+    lock[..., 32:96, 32:96] = 1
+    with torch.no_grad():
+        free = decoder(features, flow, occlusion, image)
+        unlocked = decoder(features, flow, occlusion, image, torch.zeros_like(lock))
+        locked = decoder(features, flow, occlusion, image, lock)
+    assert torch.equal(unlocked.sample, free.sample)  # a zero lock leaves the learned blend alone
+    inside = lock.expand_as(image) > 0
+    assert torch.equal(locked.sample[inside], locked.warped[inside])
+    assert torch.equal(locked.sample[~inside], free.sample[~inside])
+    assert not torch.equal(free.sample[inside], free.warped[inside])
+    assert torch.all(locked.blend[lock > 0] == 1)

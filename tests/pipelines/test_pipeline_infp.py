@@ -20,6 +20,7 @@ from pipeline_infp.processing import (
     mouth_aperture,
     moved_region,
     prior_flow,
+    warp_lock,
 )
 from tests.utils import tiny_random_pipeline
 
@@ -242,6 +243,15 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     torch.testing.assert_close(person_prior[0], torch.from_numpy(expected))
     assert person_prior[0, 0, working // 2, working // 2] == prior[0, 0, working // 2, working // 2]
     assert not torch.equal(person_prior, prior)
+    # A face decoder with a warp lock gets the mask of each frame's mesh, and the face is the warped portrait there.
+    assert pipe.warp_locks(portrait, meshes) is None
+    pipe.face_decoder.register_to_config(warp_lock_margin=0.1)
+    locks = pipe.warp_locks(portrait, meshes)
+    torch.testing.assert_close(locks[0, 0], torch.from_numpy(warp_lock(meshes[0], IMAGE_SIZE, margin=0.1)))
+    locked = pipe.render(portrait, latents)
+    inside = locks.expand_as(frames) == 1
+    unlocked = locks.expand_as(frames) == 0
+    assert not torch.equal(locked[inside], frames[inside]) and torch.equal(locked[unlocked], frames[unlocked])
 
 
 @pytest.fixture(scope="module")

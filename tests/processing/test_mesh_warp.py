@@ -18,6 +18,7 @@ from pipeline_infp.processing import (
     prior_flow,
     prior_warp,
     retarget_landmarks,
+    warp_lock,
 )
 from pipeline_infp.processing.face import _region_indices
 
@@ -208,6 +209,29 @@ def test_warping_a_real_crop_opens_the_mouth(processor, crop, landmarks):
     assert np.abs(after[:468, :2] - target[:468, :2]).mean() < 2.0
     # Far from the mouth the image is untouched.
     assert np.array_equal(out[:40], crop.image[:40])
+
+
+def test_warp_lock_covers_the_face_and_a_band_round_it_but_not_the_mouth_opening(landmarks):
+    opened = _open_mouth(landmarks, 0.2)
+    lock = warp_lock(opened, SIZE, margin=0.1)
+    assert lock.shape == (SIZE, SIZE) and lock.dtype == np.float32 and 0 <= lock.min() and lock.max() <= 1
+
+    def at(points):
+        x, y = np.round(np.atleast_2d(points)[:, :2].mean(axis=0)).astype(int)
+        return lock[y, x]
+
+    assert at(opened[1]) == 1 and at(opened[[234, 454]]) == 1  # nose tip; between the cheeks' edges
+    assert at(opened[[13, 14]]) < 0.05  # between the parted inner lips (feathered edges): the decoder draws it
+    assert lock[:4, :4].max() == 0 and lock[-4:, :4].max() == 0  # the crop's corners
+    # The band: below the chin by a twentieth of the face, inside with margin 0.1, outside without one.
+    chin = opened[152, :2]
+    below = np.round(chin + [0, 0.05 * np.ptp(opened[:, 1])]).astype(int)
+    assert lock[below[1], below[0]] > 0.99
+    assert warp_lock(opened, SIZE, margin=0.0)[below[1], below[0]] < 0.5
+    # Any output size: the same mask, resampled.
+    half = warp_lock(opened, SIZE, out_size=SIZE // 2, margin=0.1)
+    resized = cv2.resize(lock, (SIZE // 2,) * 2, interpolation=cv2.INTER_AREA)
+    assert half.shape == (SIZE // 2,) * 2 and np.abs(half - resized).mean() < 0.02
 
 
 def test_mesh_warp_matches_the_flow_and_keeps_the_rest(crop, landmarks):
