@@ -87,8 +87,8 @@ __all__ = [
     "read_audio_track",
     "read_video",
     "retarget_landmarks",
-    "warp_lock",
     "silence_weights",
     "voice_activity",
+    "warp_lock",
     "write_video",
 ]
