@@ -127,6 +127,11 @@ class PortraitEncoding:
     person_mask: np.ndarray | None = None
 
 
+def _per_mesh(compute, meshes: np.ndarray, pool: Executor | None) -> torch.Tensor:
+    """`compute` of each of `meshes`, stacked into a CPU tensor; frames in parallel on `pool`'s threads when given."""
+    return torch.from_numpy(np.stack(list(pool.map(compute, meshes)) if pool else [compute(m) for m in meshes]))
+
+
 def crossfade(tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """`window` [B, W, D] with its first frames faded in from `tail` [B, O, D], the previous window's latents for
     the same frames. Each window alone continues its condition frames smoothly, yet the two disagree a little
@@ -631,7 +636,7 @@ class INFPPipeline(DiffusionPipeline):
         def flow(driving: np.ndarray) -> np.ndarray:
             return prior_flow(portrait.landmarks, driving, size, working, person_mask=portrait.person_mask)[0]
 
-        return torch.from_numpy(np.stack(list(pool.map(flow, meshes)) if pool else [flow(m) for m in meshes]))
+        return _per_mesh(flow, meshes, pool)
 
     def warp_locks(self, portrait: PortraitEncoding, meshes: np.ndarray, pool: Executor | None = None):
         """The face decoder's `warp_lock` masks [T, 1, S, S] for `meshes` [T, 478, 3] (on the CPU), or None when
@@ -644,7 +649,7 @@ class INFPPipeline(DiffusionPipeline):
         def lock(driving: np.ndarray) -> np.ndarray:
             return warp_lock(driving, size, margin=margin)
 
-        return torch.from_numpy(np.stack(list(pool.map(lock, meshes)) if pool else [lock(m) for m in meshes]))[:, None]
+        return _per_mesh(lock, meshes, pool)[:, None]
 
     @torch.no_grad()
     def render(self, portrait: PortraitEncoding, motion_latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:

@@ -36,9 +36,6 @@ __all__ = [
     "warp_lock",
 ]
 
-# MediaPipe's inner lip contour, in order round the mouth opening.
-_INNER_LIP_RING = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
-
 # Fill triangles (eye and mouth openings) lose z-ties against the real surface by this fraction of the
 # face size, so where a fan overlaps an eyelid the eyelid wins.
 _FILL_Z_BIAS = 0.02
@@ -104,6 +101,16 @@ def _boundary_cycles(triangles: np.ndarray) -> list[list[int]]:
 
 
 @functools.cache
+def _mouth_ring() -> list[int]:
+    """The mouth opening's boundary (the inner lips) in order round it, from MediaPipe's own topology: the hole of
+    the tessellation made of lip points that holds the lip centres 13 and 14 (the pair `mouth_aperture` measures)."""
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    lips = {i for edge in fmc.FACEMESH_LIPS for i in edge}
+    return next(c for c in _boundary_cycles(_tessellation())[1:] if set(c) <= lips and {13, 14} <= set(c))
+
+
+@functools.cache
 def _hole_fills() -> tuple[np.ndarray, np.ndarray]:
     """Triangles closing the eye openings (a fan from each iris centre: the eyeball moves with the
     iris) and the mouth opening (a strip between upper and lower inner lip, corner to corner)."""
@@ -118,24 +125,23 @@ def _hole_fills() -> tuple[np.ndarray, np.ndarray]:
             (fmc.FACEMESH_RIGHT_EYE, fmc.FACEMESH_RIGHT_IRIS),
         )
     }
-    lips = {i for edge in fmc.FACEMESH_LIPS for i in edge}
-    eyes, mouth = [], []
+    eyes = []
     for cycle in cycles[1:]:  # cycles[0] is the face oval
         centre = next((c for c, ring in eye_sets.items() if set(cycle) <= ring), None)
         if centre is not None:
             eyes += [(centre, cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))]
-        elif set(cycle) <= lips and {13, 14} <= set(cycle):
-            # The inner-lip ring: start at the corner half-way between the upper (13) and lower (14) lip
-            # centres (the pair `mouth_aperture` measures), then zig-zag between the two sides.
-            n = len(cycle)
-            gap = (cycle.index(14) - cycle.index(13)) % n
-            ring = np.roll(cycle, -((cycle.index(13) + gap // 2) % n)).tolist()
-            upper = ring[: n // 2 + 1]
-            lower = [ring[0]] + ring[::-1][: n // 2]
-            for k in range(n // 2):
-                for tri in ((upper[k], upper[k + 1], lower[k + 1]), (upper[k], lower[k + 1], lower[k])):
-                    if len(set(tri)) == 3:
-                        mouth.append(tri)
+    # The inner-lip ring: start at the corner half-way between the upper (13) and lower (14) lip centres, then
+    # zig-zag between the two sides.
+    cycle, mouth = _mouth_ring(), []
+    n = len(cycle)
+    gap = (cycle.index(14) - cycle.index(13)) % n
+    ring = np.roll(cycle, -((cycle.index(13) + gap // 2) % n)).tolist()
+    upper = ring[: n // 2 + 1]
+    lower = [ring[0]] + ring[::-1][: n // 2]
+    for k in range(n // 2):
+        for tri in ((upper[k], upper[k + 1], lower[k + 1]), (upper[k], lower[k + 1], lower[k])):
+            if len(set(tri)) == 3:
+                mouth.append(tri)
     return np.array(eyes, dtype=np.int64).reshape(-1, 3), np.array(mouth, dtype=np.int64).reshape(-1, 3)
 
 
@@ -429,7 +435,7 @@ def warp_lock(
     lock = np.zeros((out_size, out_size), np.float32)
     cv2.fillConvexPoly(lock, oval, 1.0)
     cv2.polylines(lock, [oval], True, 1.0, thickness=max(1, round(2 * margin * _face_size(points))))
-    cv2.fillPoly(lock, [np.round(points[list(_INNER_LIP_RING)]).astype(np.int32)], 0.0)
+    cv2.fillPoly(lock, [np.round(points[_mouth_ring()]).astype(np.int32)], 0.0)
     return cv2.GaussianBlur(lock, (0, 0), 2 * out_size / 256)
 
 
