@@ -15,7 +15,7 @@ validation grid) as an H.264 video at the renderer's working size (yuv444, crf 1
 meshes to 1/32 px, delta-coded and lzma-compressed (about 1.3 KB a frame), the person masks `--person_prior` needs
 (MediaPipe selfie segmentation, 64², about 0.4 KB a frame), portraits as they are; and under <out>/site MediaPipe's
 face mesh topology module (pure Python), the only part of MediaPipe the training script needs besides the masks.
-The shared data packs to 33 MB at --every 3 (12,152 frames), against 1.3 GB prepared.
+The shared data packs to 32 MB at --every 3 (12,152 frames), against 1.3 GB prepared.
 unpack: a prepared dataset again (256² JPEG frames, float32 meshes) with each clip's masks in `person.npy`.
 train: train_head_imitation.py, with person masks read from the unpacked dataset (warped by each pair's framing)
 instead of computed by MediaPipe, an optional time budget (the loop ends, then the script exports as usual), and
