@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Weight-space ensembling of a stage-1 fine-tune with the renderer it started from (WiSE-FT, Wortsman et al.,
+CVPR 2022; `interpolate_motion.py` does the same for stage 2): the four renderer components' weights become
+base + alpha * (fine-tuned - base), with the fine-tune's configs (its `person_prior`, say); the motion model, the
+style presets and the evaluation's feature space are the base folder's.
+
+Why: a renderer fine-tuned on our tens of identities gains in self-reenactment and loses some of what carries over
+to unseen faces (cross-identity mouth correlation, expression fidelity); halfway between the two keeps much of both
+(model card).
+
+    python training/interpolate_renderer.py --base checkpoints/infp-base --finetuned runs/head/pipeline \\
+        --alpha 0.5 --warp_lock_margin 0.1 --output_dir runs/renderer-wise
+
+The weights keep the base's dtype. A fine-tune made with `--freeze motion_encoder` keeps the motion encoder, so
+the base's stage-2 model stays valid; one that trained it changes the motion latents' space, and the motion model
+must be retrained (`prepare_motion.py`, `train_motion.py`).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interpolate_motion import interpolate  # noqa: E402
+from train_head_imitation import RENDERER  # noqa: E402
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="pipeline folder the fine-tune started from")
+    parser.add_argument("--finetuned", required=True, help="folder with the fine-tuned renderer's four components")
+    parser.add_argument("--alpha", type=float, required=True, help="0: the base renderer, 1: the fine-tuned one")
+    parser.add_argument("--warp_lock_margin", type=float, help="the face decoder's warp lock (default: fine-tuned's)")
+    parser.add_argument("--output_dir", required=True, help="the interpolated pipeline folder")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha {args.alpha}: choose a value from 0 (base) to 1 (fine-tuned)")
+    if Path(args.output_dir).resolve() in (Path(args.base).resolve(), Path(args.finetuned).resolve()):
+        parser.error("--output_dir must be a new folder: it is replaced, and the inputs are read from disk")
+    for folder in (args.base, args.finetuned):
+        missing = [name for name in RENDERER if not (Path(folder) / name / WEIGHTS).is_file()]
+        if missing:
+            parser.error(f"{folder} has no {', '.join(missing)} weights: pass folders written by the training scripts")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    base, tuned, output_dir = Path(args.base), Path(args.finetuned), Path(args.output_dir)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    shutil.copytree(base, output_dir)
+    for name in RENDERER:
+        start = load_file(base / name / WEIGHTS)
+        mixed = interpolate(start, load_file(tuned / name / WEIGHTS), args.alpha)
+        save_file({k: v.to(start[k].dtype) for k, v in mixed.items()}, output_dir / name / WEIGHTS, {"format": "pt"})
+        config = json.loads((tuned / name / "config.json").read_text())
+        config.pop("_name_or_path", None)
+        if name == "face_decoder" and args.warp_lock_margin is not None:
+            config["warp_lock_margin"] = args.warp_lock_margin
+        (output_dir / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {output_dir}: renderer {args.alpha:g} of the way from {args.base} to {args.finetuned}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()
