@@ -30,18 +30,32 @@ from pipeline_infp import INFPPipeline  # noqa: E402
 FEATURES_FILE = "motion_features.npz"  # fitted on the data, not the model (evaluate motion)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def interpolation_parser(description: str, finetuned_help: str, output_help: str) -> argparse.ArgumentParser:
+    """The arguments this script and `interpolate_renderer.py` share (checked by `checked_interpolation_args`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--base", required=True, help="pipeline folder the fine-tune started from")
-    parser.add_argument("--finetuned", required=True, help="pipeline folder written by train_motion.py")
+    parser.add_argument("--finetuned", required=True, help=finetuned_help)
     parser.add_argument("--alpha", type=float, required=True, help="0: the base model, 1: the fine-tuned one")
-    parser.add_argument("--output_dir", required=True, help="the interpolated pipeline (fp16 Hub folder)")
+    parser.add_argument("--output_dir", required=True, help=output_help)
+    return parser
+
+
+def checked_interpolation_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha {args.alpha}: choose a value from 0 (base) to 1 (fine-tuned)")
     if Path(args.output_dir).resolve() in (Path(args.base).resolve(), Path(args.finetuned).resolve()):
         parser.error("--output_dir must be a new folder: it is replaced, and the inputs are read from disk")
     return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = interpolation_parser(
+        __doc__.split("\n\n")[0],
+        "pipeline folder written by train_motion.py",
+        "the interpolated pipeline (fp16 Hub folder)",
+    )
+    return checked_interpolation_args(parser, argv)
 
 
 def interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict:

@@ -25,24 +25,18 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interpolate_motion import interpolate  # noqa: E402
+from interpolate_motion import checked_interpolation_args, interpolate, interpolation_parser  # noqa: E402
 from train_head_imitation import RENDERER  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="pipeline folder the fine-tune started from")
-    parser.add_argument("--finetuned", required=True, help="folder with the fine-tuned renderer's four components")
-    parser.add_argument("--alpha", type=float, required=True, help="0: the base renderer, 1: the fine-tuned one")
+    parser = interpolation_parser(
+        __doc__.split("\n\n")[0], "folder with the fine-tuned renderer's four components", "the interpolated pipeline"
+    )
     parser.add_argument("--warp_lock_margin", type=float, help="the face decoder's warp lock (default: fine-tuned's)")
-    parser.add_argument("--output_dir", required=True, help="the interpolated pipeline folder")
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error(f"--alpha {args.alpha}: choose a value from 0 (base) to 1 (fine-tuned)")
-    if Path(args.output_dir).resolve() in (Path(args.base).resolve(), Path(args.finetuned).resolve()):
-        parser.error("--output_dir must be a new folder: it is replaced, and the inputs are read from disk")
+    args = checked_interpolation_args(parser, argv)
     for folder in (args.base, args.finetuned):
         missing = [name for name in RENDERER if not (Path(folder) / name / WEIGHTS).is_file()]
         if missing:
