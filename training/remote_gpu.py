@@ -124,7 +124,11 @@ def _pack_one(job):
 
 def pack(args) -> None:
     data, out = prepared.PreparedDataset(args.data_dir), Path(args.out)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: choose a new folder, or pass --overwrite.")
+        if out.resolve() in (data.root.resolve(), *data.root.resolve().parents):
+            raise ValueError(f"--out {out} holds the dataset being packed: choose another folder.")
         shutil.rmtree(out)
     jobs, entries = [], []
     for clip in data.clips(kinds=args.kinds):
@@ -303,6 +307,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     packing.add_argument("--frame_size", type=int, default=128, help="the renderer's working size")
     packing.add_argument("--kinds", nargs="+", default=list(TRAIN_KINDS))
     packing.add_argument("--workers", type=int, default=2)
+    packing.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     unpacking = commands.add_parser("unpack", help="there: the packed copy as a prepared dataset")
     unpacking.add_argument("--packed", required=True)
     unpacking.add_argument("--out", required=True)

@@ -26,6 +26,14 @@ def unpacked(data_dir, tmp_path_factory):
     return tmp
 
 
+def test_pack_refuses_to_replace_a_folder_unasked_or_the_data_itself(data_dir, unpacked):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["pack", "--data_dir", str(data_dir), "--out", str(unpacked / "packed")])
+    with pytest.raises(ValueError, match="holds the dataset"):
+        main(["pack", "--data_dir", str(data_dir), "--out", str(data_dir.parent), "--overwrite"])
+    assert (data_dir / "dataset.json").is_file()
+
+
 def test_meshes_round_trip_to_a_64th_of_a_pixel():
     rng = np.random.default_rng(0)
     meshes = np.cumsum(rng.normal(0, 2, (30, 478, 3)), axis=0).astype(np.float32) + 128
