@@ -39,9 +39,10 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling training modules, also when imported
+import train_head_imitation  # noqa: E402
+
 import prepared  # noqa: E402
 
-TRAIN_KINDS = ("talking", "dyadic-split", "nonverbal", "talking-generated")
 MESH_STEP = 32  # mesh coordinates are kept to 1/32 px
 MASK_SIZE = 64
 
@@ -233,15 +234,14 @@ class StoredPersonMasks:
 
 def use_stored_person_masks(train) -> None:
     """Patch the training module `train` (and the prepared-data reader) to take person masks from the dataset."""
-    read = prepared._read_rgb
+    read_frame, read_portrait = prepared.PreparedClip.frame, prepared.PreparedPortrait.image
 
     def clip_frame(clip, i):
-        i = i % clip.num_frames
-        return _with_mask(read(clip.folder / "frames" / f"{i:05d}.jpg"), np.load(clip.folder / "person.npy")[i])
+        masks = np.load(clip.folder / "person.npy", mmap_mode="r")  # one frame's mask read, not the clip's
+        return _with_mask(read_frame(clip, i), masks[i % clip.num_frames])
 
     def portrait_image(portrait):
-        folder = portrait.root / "portraits"
-        return _with_mask(read(folder / f"{portrait.id}.jpg"), np.load(folder / f"{portrait.id}.person.npy"))
+        return _with_mask(read_portrait(portrait), np.load(portrait.root / "portraits" / f"{portrait.id}.person.npy"))
 
     make_sample = train.HeadImitationDataset.make_sample
 
@@ -263,10 +263,9 @@ def use_stored_person_masks(train) -> None:
 def export_renderer(renderer, folder, dtype=None) -> None:
     """The renderer's four components in fp16, each in its Hub-layout subfolder."""
     import torch
-    from train_head_imitation import RENDERER
 
     shutil.rmtree(folder, ignore_errors=True)
-    for name in RENDERER:
+    for name in train_head_imitation.RENDERER:
         component = copy.deepcopy(getattr(renderer, name))
         torch.nn.Module.to(component, dtype=dtype or torch.float16)
         component.save_pretrained(Path(folder) / name, safe_serialization=True)
@@ -274,7 +273,6 @@ def export_renderer(renderer, folder, dtype=None) -> None:
 
 def train(args) -> None:
     import torch
-    import train_head_imitation
 
     use_stored_person_masks(train_head_imitation)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -305,7 +303,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     packing.add_argument("--every", type=int, default=3, help="keep every N-th frame of the training clips")
     packing.add_argument("--val_frames", type=int, default=40, help="frames kept of each val clip (every N-th)")
     packing.add_argument("--frame_size", type=int, default=128, help="the renderer's working size")
-    packing.add_argument("--kinds", nargs="+", default=list(TRAIN_KINDS))
+    packing.add_argument("--kinds", nargs="+", default=list(train_head_imitation.KINDS))
     packing.add_argument("--workers", type=int, default=2)
     packing.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     unpacking = commands.add_parser("unpack", help="there: the packed copy as a prepared dataset")
@@ -327,8 +325,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__mp_main__" and sys.argv[1:2] == ["train"]:  # a data loader worker `train` spawned: same patches
-    import train_head_imitation
-
     use_stored_person_masks(train_head_imitation)
 
 if __name__ == "__main__":

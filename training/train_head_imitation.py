@@ -68,6 +68,7 @@ from prepared import PreparedDataset  # noqa: E402
 
 logger = get_logger(__name__)
 RENDERER = ("motion_encoder", "appearance_encoder", "flow_estimator", "face_decoder")
+KINDS = ("talking", "dyadic-split", "nonverbal", "talking-generated")  # clip kinds trained on by default
 
 
 # Presets -------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--closing_pair_prob", type=float, default=0.0,
         help="share of clip pairs whose source has the mouth wide open and whose driving frame has it closed",
     )  # fmt: skip
-    parser.add_argument("--kinds", nargs="+", default=["talking", "dyadic-split", "nonverbal", "talking-generated"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--report_to", default=None, help="tensorboard / wandb / ... (optional)")
