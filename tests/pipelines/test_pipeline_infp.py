@@ -252,6 +252,7 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     inside = locks.expand_as(frames) == 1
     unlocked = locks.expand_as(frames) == 0
     assert not torch.equal(locked[inside], frames[inside]) and torch.equal(locked[unlocked], frames[unlocked])
+    assert torch.equal(pipe.render(portrait, latents, warp_lock=False), frames)  # the learned blend everywhere
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +307,24 @@ def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_e
     portrait = pipe.encode_portrait(open_face, close_mouth=True)  # animated from the closed image
     assert np.array_equal(portrait.landmarks, rest_mesh)
     assert np.array_equal(portrait.image, pipe.encode_portrait(closed).image)
+
+
+def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, open_face, monkeypatch):
+    """The lock would keep the warped portrait's lips, into which the warp of a wide-open mouth carries its inside."""
+    pipe = jaw_pipe
+    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
+    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    unlocked = pipe.close_portrait_mouth(open_face)
+    encoding = pipe.encode_portrait(open_face)
+    encoding.rest = pipe.rest_motion(encoding.landmarks)
+    zero = torch.zeros_like(encoding.rest)
+    pipe.face_decoder.register_to_config(warp_lock_margin=0.1)
+    try:
+        assert not torch.equal(pipe.render(encoding, zero), pipe.render(encoding, zero, warp_lock=False))
+        read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+        assert np.array_equal(pipe.close_portrait_mouth(open_face).image, unlocked.image)
+    finally:
+        pipe.face_decoder.register_to_config(warp_lock_margin=None)
 
 
 def test_close_portrait_mouth_leaves_the_portrait_when_the_renderer_closes_it_or_loses_it(
