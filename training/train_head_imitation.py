@@ -272,6 +272,19 @@ class HeadImitationDataset(Dataset):
         return self._processor
 
 
+def one_opencv_thread(worker_id: int) -> None:
+    """Loader workers share the cores with each other and the training process. A spawned worker starts with
+    OpenCV's default pool (every core), not the one thread the dataset set in the process that built it."""
+    cv2.setNumThreads(1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, spawn: bool) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=True,
+        multiprocessing_context="spawn" if spawn and num_workers > 0 else None, worker_init_fn=one_opencv_thread,
+    )  # fmt: skip
+
+
 def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -> list[tuple]:
     """(clip, open frame indices, closed frame indices) of every clip with both a wide-open mouth and closed lips
     (MediaPipe's inner-lip gap in inter-ocular distances, `mouth_aperture`)."""
@@ -647,11 +660,7 @@ def main(argv=None):
         lock_margin = renderer.face_decoder.config.warp_lock_margin
     renderer.face_decoder.register_to_config(warp_lock_margin=lock_margin)
     # MediaPipe's graphs do not survive a fork of a process that has run one: spawn the loader's workers then.
-    spawn = person_prior and args.dataloader_num_workers > 0
-    loader = DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=False, num_workers=args.dataloader_num_workers,
-        drop_last=True, multiprocessing_context="spawn" if spawn else None,
-    )  # fmt: skip
+    loader = make_loader(dataset, args.train_batch_size, args.dataloader_num_workers, spawn=person_prior)
     if not args.init_from and not args.resume_from_checkpoint:
         samples = torch.from_numpy(dataset.landmark_offset_samples(args.basis_samples, args.seed))
         kept = renderer.motion_encoder.fit_landmark_basis(samples)

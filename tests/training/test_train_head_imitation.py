@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils.data import Dataset
 
 from pipeline_infp import INFPPipeline
 from pipeline_infp.processing import FaceProcessor
@@ -20,6 +21,7 @@ from training.train_head_imitation import (
     HeadImitationDataset,
     closing_frames,
     main,
+    make_loader,
     optical_flow,
     reframe,
     synthetic_driving,
@@ -143,6 +145,23 @@ def test_optical_flow_finds_a_known_motion_and_masks_what_left_the_frame(shared_
     np.testing.assert_allclose(np.median(flow[0][:, 16:-16][inner]) * 128 / 2, -shift, atol=0.25)
     np.testing.assert_allclose(np.median(flow[1][:, 16:-16][inner]) * 128 / 2, 0, atol=0.25)
     assert mask[:, :shift].mean() < 0.5  # driving pixels whose content is not in the source
+
+
+class OpenCVThreads(Dataset):
+    """What OpenCV's pool is in the process that makes each sample."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return cv2.getNumThreads()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenCV's default pool is one thread on one core")
+@pytest.mark.parametrize("spawn", [True, False])
+def test_loader_workers_run_opencv_on_one_thread(spawn):
+    threads = [int(t) for batch in make_loader(OpenCVThreads(), 1, num_workers=1, spawn=spawn) for t in batch]
+    assert threads == [1, 1]
 
 
 def test_trains_checkpoints_validates_resumes_and_exports(data_dir, tmp_path):
