@@ -690,9 +690,12 @@ def main(argv=None):
     )  # fmt: skip
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     start, first_step = time.perf_counter(), global_step
+    waiting = 0.0  # for the data loader: when it is most of the time, more workers (or cores) buy steps
     data_iter = iter(loader)
     while global_step < args.max_train_steps:
+        fetch = time.perf_counter()
         batch = next(data_iter)
+        waiting += time.perf_counter() - fetch
         flow_weight = args.flow_weight + (args.flow_weight_final - args.flow_weight) * min(
             1.0, global_step / max(1, args.max_train_steps)
         )
@@ -762,8 +765,9 @@ def main(argv=None):
             export_pipeline(accelerator.unwrap_model(renderer), Path(args.export_to))
             logger.info("Wrote the renderer pipeline to %s", args.export_to)
         samples = (global_step - first_step) * args.train_batch_size * accelerator.num_processes
-        logger.info("Done: %d steps in %.1f min (%.1f samples/s)", global_step, (time.perf_counter() - start) / 60,
-                    samples / max(1e-9, time.perf_counter() - start))  # fmt: skip
+        elapsed = max(1e-9, time.perf_counter() - start)
+        logger.info("Done: %d steps in %.1f min (%.1f samples/s, %.0f %% of the time waiting for the data loader)",
+                    global_step, elapsed / 60, samples / elapsed, 100 * waiting / elapsed)  # fmt: skip
     accelerator.end_training()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,8 @@ def test_training_on_the_unpacked_copy_reads_person_masks_instead_of_running_med
                           "--export_to", str(tmp_path / "renderer"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Done: 2 steps" in result.stderr
+    waiting = float(re.search(r"([\d.]+) % of the time waiting for the data loader", result.stderr).group(1))
+    assert 0 < waiting <= 100  # the first batch always waits for the spawned worker
     for name in ("motion_encoder", "appearance_encoder", "flow_estimator", "face_decoder"):
         with safe_open(tmp_path / "renderer" / name / "diffusion_pytorch_model.safetensors", "pt") as weights:
             assert all(weights.get_tensor(k).dtype.itemsize == 2 for k in list(weights.keys())[:5])
