@@ -210,10 +210,8 @@ def _with_mask(image: np.ndarray, mask: np.ndarray) -> WithPersonMask:
 
 
 class StoredPersonMasks:
-    """Stands in for FaceProcessor in the training script, which asks it only for person masks: the frame's stored
-    mask, or the one `make_sample` put aside for the augmented frame it is about to ask about."""
-
-    pending: dict = {}
+    """Stands in for FaceProcessor in the training script's validation batch, which asks it only for the person masks
+    of frames read from the dataset: their stored masks."""
 
     def __enter__(self):
         return self
@@ -227,7 +225,7 @@ class StoredPersonMasks:
     def person_mask(self, image: np.ndarray) -> np.ndarray:
         mask = getattr(image, "person", None)
         if mask is None:
-            return self.pending.pop("mask")
+            raise ValueError("This frame carries no stored person mask: read it from a dataset `unpack` wrote.")
         size = image.shape[1], image.shape[0]
         return cv2.resize(np.asarray(mask, np.float32) / 255, size, interpolation=cv2.INTER_LINEAR)
 
@@ -243,20 +241,14 @@ def use_stored_person_masks(train) -> None:
     def portrait_image(portrait):
         return _with_mask(read_portrait(portrait), np.load(portrait.root / "portraits" / f"{portrait.id}.person.npy"))
 
-    make_sample = train.HeadImitationDataset.make_sample
-
-    def make_sample_with_stored_mask(self, source, driving, lm_source, lm_driving, valid, rng):
-        if self.person_prior:
-            mask = StoredPersonMasks().person_mask(source)
-            framing = train.random_framing(self.size, copy.deepcopy(rng))  # the draw make_sample is about to make
-            warped = cv2.warpAffine(mask, framing, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE)
-            StoredPersonMasks.pending["mask"] = warped
-        return make_sample(self, np.asarray(source), np.asarray(driving), lm_source, lm_driving, valid, rng)
+    def stored_person_mask(self, source, framing, augmented):
+        mask = StoredPersonMasks().person_mask(source)
+        return cv2.warpAffine(mask, framing, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE)
 
     prepared.PreparedClip.frame = clip_frame
     prepared.PreparedPortrait.image = portrait_image
     train.FaceProcessor = StoredPersonMasks
-    train.HeadImitationDataset.make_sample = make_sample_with_stored_mask
+    train.HeadImitationDataset.person_mask = stored_person_mask
     train.export_pipeline = export_renderer
 
 

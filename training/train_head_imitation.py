@@ -203,7 +203,7 @@ class HeadImitationDataset(Dataset):
         self.closing_pair_prob = closing_pair_prob if self.closing else 0.0
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
         self.with_optical_flow = with_optical_flow
-        cv2.setNumThreads(1)  # loader workers share the cores with the training process
+        cv2.setNumThreads(1)  # workers share the cores with the training process (spawned ones: one_opencv_thread)
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
         self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
         self.person_prior = False  # the flow estimator's, known once it is built
@@ -254,17 +254,22 @@ class HeadImitationDataset(Dataset):
 
     def make_sample(self, source, driving, lm_source, lm_driving, valid, rng) -> dict:
         matrix = random_framing(self.size, rng)  # the same framing change for both frames
-        source, driving = (
+        framed, driving = (
             cv2.warpAffine(x, matrix, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE) for x in (source, driving)
         )
         valid = cv2.warpAffine(valid, matrix, (self.size,) * 2, flags=cv2.INTER_NEAREST)
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
-        source, driving = colour_jitter([source, driving], rng)
-        person = self.processor().person_mask(source) if self.person_prior else None
+        framed, driving = colour_jitter([framed, driving], rng)
+        person = self.person_mask(source, matrix, framed) if self.person_prior else None
         return pair_tensors(
-            source, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
+            framed, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
             self.with_optical_flow, person, self.warp_lock_margin,
         )  # fmt: skip
+
+    def person_mask(self, source: np.ndarray, framing: np.ndarray, augmented: np.ndarray) -> np.ndarray:
+        """The person mask of the augmented source frame (`source` moved by the affine `framing`, colours
+        jittered): MediaPipe's on it. (`remote_gpu.py`, without MediaPipe, warps a stored mask of `source`.)"""
+        return self.processor().person_mask(augmented)
 
     def processor(self) -> FaceProcessor:
         if self._processor is None:
