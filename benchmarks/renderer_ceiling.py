@@ -9,7 +9,8 @@ first frame as source, fixed 256² crop; SSIM overall and by region, PSNR), ever
   synthesising at that size alone costs;
 * `prior warp`: the source warped by the renderer's geometric prior (`processing.prior_flow` between the two face
   meshes), as the evaluation's row of that name; `person prior warp`: the same with the source's person mask (the
-  prior of renderers trained with `--person_prior`); neither sees the real frame;
+  prior of renderers trained with `--person_prior`), with the head's 2-D affine motion or, `rigid person prior
+  warp`, its 3-D rigid motion (`--head_motion rigid`); none of them sees the real frame;
 * `flow oracle on the head`: the source warped by the dense optical flow (OpenCV DIS) computed from the real driving
   frame inside its face mesh and the band around it (hair, ears, neck: the evaluation's `face` and `around`
   regions), the prior elsewhere: what a renderer that got the whole head right, but knew no more than a face mesh
@@ -44,6 +45,7 @@ METHODS = (
     "working size round trip",
     "prior warp",
     "person prior warp",
+    "rigid person prior warp",
     "flow oracle on the head",
     "flow oracle",
 )
@@ -69,16 +71,20 @@ def warp(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
 
 
 def warps(source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person, labels: np.ndarray) -> dict:
-    """The warped rows for one driving frame: the priors (without and with the source's `person` mask), oracle on
-    the head (`face_regions` labels 0 and 1), oracle."""
+    """The warped rows for one driving frame: the priors (without and with the source's `person` mask, the latter
+    with either head motion), oracle on the head (`face_regions` labels 0 and 1), oracle."""
     size = source.shape[0]
-    prior = prior_flow(lm_source, lm_driving, size)[0].transpose(1, 2, 0) * size / 2
-    person_prior = prior_flow(lm_source, lm_driving, size, person_mask=person)[0].transpose(1, 2, 0) * size / 2
+
+    def pixels(**kwargs) -> np.ndarray:
+        return prior_flow(lm_source, lm_driving, size, **kwargs)[0].transpose(1, 2, 0) * size / 2
+
+    prior = pixels()
     oracle = optical_flow(source, driving)
     on_head = np.where((labels <= 1)[..., None], oracle, prior)
     return {
         "prior warp": warp(source, prior),
-        "person prior warp": warp(source, person_prior),
+        "person prior warp": warp(source, pixels(person_mask=person)),
+        "rigid person prior warp": warp(source, pixels(person_mask=person, head_motion="rigid")),
         "flow oracle on the head": warp(source, on_head),
         "flow oracle": warp(source, oracle),
     }

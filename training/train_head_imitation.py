@@ -64,6 +64,7 @@ from pipeline_infp.processing import (  # noqa: E402
     warp_lock,
 )
 from pipeline_infp.processing.face import crop_to_crop, mouth_aperture  # noqa: E402
+from pipeline_infp.processing.mesh_warp import HEAD_MOTIONS  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
 
 logger = get_logger(__name__)
@@ -141,6 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(kept when fine-tuning weights trained with it)",
     )  # fmt: skip
     parser.add_argument(
+        "--head_motion", choices=HEAD_MOTIONS, default=None,
+        help="how the person prior moves hair, ears and neck with the head: 'affine' (the face outline's 2-D affine) "
+        "or 'rigid' (the head's 3-D rotation at the hair's depth: closer to the real motion when the head turns); "
+        "stored in the flow estimator's config. Default: the initial weights' ('affine' for new ones)",
+    )  # fmt: skip
+    parser.add_argument(
         "--warp_lock_margin", type=float, default=None,
         help="the output is the warped source inside the driving face oval grown by this fraction of the face size "
         "(less the mouth opening), so the decoder draws only the mouth's inside and what lies round the face "
@@ -206,7 +213,7 @@ class HeadImitationDataset(Dataset):
         cv2.setNumThreads(1)  # workers share the cores with the training process (spawned ones: one_opencv_thread)
         self.resumed_at = 0  # a resumed run draws new pairs instead of replaying the first ones
         self.landmark_basis = None  # the motion encoder's basis, so the prior flow is the one it can encode
-        self.person_prior = False  # the flow estimator's, known once it is built
+        self.person_prior, self.head_motion = False, "affine"  # the flow estimator's, known once it is built
         self.warp_lock_margin = None  # the face decoder's, likewise
         self._processor = None  # created on first use, in the process that uses it (workers are spawned then)
 
@@ -263,7 +270,7 @@ class HeadImitationDataset(Dataset):
         person = self.person_mask(source, matrix, framed) if self.person_prior else None
         return pair_tensors(
             framed, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
-            self.with_optical_flow, person, self.warp_lock_margin,
+            self.with_optical_flow, person, self.warp_lock_margin, self.head_motion,
         )  # fmt: skip
 
     def person_mask(self, source: np.ndarray, framing: np.ndarray, augmented: np.ndarray) -> np.ndarray:
@@ -324,21 +331,22 @@ def pair_tensors(
     with_optical_flow=False,
     person_mask=None,
     warp_lock_margin=None,
+    head_motion="affine",
 ) -> dict:
     """The renderer's inputs, target and supervision for one pair: both frames and the valid mask at `resolution`,
     both hybrid representations at the crop size (the motion encoder resizes them, as in the pipeline), the
     driving mesh's offsets from the source's, the prior flow of the mesh the motion encoder can represent
     (offsets projected on `landmark_basis` [k, N·3] when given), the exact mesh flow with its mask, and when asked the
     optical flow of the two frames with its mask (`optical_flow`; 5 ms a pair at 128²). The prior is carried over
-    the source's `person_mask` when given (`prior_flow`); with `warp_lock_margin`, the face decoder's `warp_lock` of
-    the same mesh."""
+    the source's `person_mask` when given (`prior_flow`, with `head_motion`); with `warp_lock_margin`, the face
+    decoder's `warp_lock` of the same mesh."""
     size = source.shape[0]
     offsets = landmark_offsets(lm_driving, lm_source)
     encodable = lm_driving
     if landmark_basis is not None:
         projected = (offsets.reshape(-1) @ landmark_basis.T) @ landmark_basis
         encodable = apply_landmark_offsets(lm_source, projected.reshape(offsets.shape))
-    prior, _ = prior_flow(lm_source, encodable, size, resolution, person_mask=person_mask)
+    prior, _ = prior_flow(lm_source, encodable, size, resolution, person_mask=person_mask, head_motion=head_motion)
     flow, mask = mesh_flow(lm_source, lm_driving, size, out_size=resolution)
     resize = lambda x: cv2.resize(x, (resolution,) * 2, interpolation=cv2.INTER_AREA)  # noqa: E731
     small_source, small_driving = resize(source), resize(driving)
@@ -549,7 +557,13 @@ def validate(renderer, batch, step: int, output_dir: Path) -> dict:
 
 
 def fixed_validation_batch(
-    data: PreparedDataset, args, landmark_basis, person_prior: bool = False, warp_lock_margin=None, count: int = 6
+    data: PreparedDataset,
+    args,
+    landmark_basis,
+    person_prior: bool = False,
+    warp_lock_margin=None,
+    head_motion: str = "affine",
+    count: int = 6,
 ) -> dict | None:
     """Pairs (first frame → a frame further on, in the first frame's crop) spread over the val clips, without
     augmentation."""
@@ -579,6 +593,7 @@ def fixed_validation_batch(
                     landmark_basis,
                     person_mask=person,
                     warp_lock_margin=warp_lock_margin,
+                    head_motion=head_motion,
                 )  # fmt: skip
             )
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
@@ -659,7 +674,8 @@ def main(argv=None):
     )  # fmt: skip
     renderer = Renderer(build_renderer(args))
     person_prior = args.person_prior or renderer.flow_estimator.config.person_prior
-    renderer.flow_estimator.register_to_config(person_prior=person_prior)
+    head_motion = args.head_motion or renderer.flow_estimator.config.head_motion
+    renderer.flow_estimator.register_to_config(person_prior=person_prior, head_motion=head_motion)
     lock_margin = args.warp_lock_margin
     if lock_margin is None:
         lock_margin = renderer.face_decoder.config.warp_lock_margin
@@ -685,8 +701,10 @@ def main(argv=None):
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     dataset.resumed_at = global_step  # new random draws, and the dataset knows how far training is
     dataset.landmark_basis = accelerator.unwrap_model(renderer).motion_encoder.landmark_basis.cpu().numpy()
-    dataset.person_prior, dataset.warp_lock_margin = person_prior, lock_margin
-    validation_batch = fixed_validation_batch(data, args, dataset.landmark_basis, person_prior, lock_margin)
+    dataset.person_prior, dataset.head_motion, dataset.warp_lock_margin = person_prior, head_motion, lock_margin
+    validation_batch = fixed_validation_batch(
+        data, args, dataset.landmark_basis, person_prior, lock_margin, head_motion
+    )
 
     logger.info(
         "Training on %d clips (+%d portraits), %d steps of %d x %d processes",

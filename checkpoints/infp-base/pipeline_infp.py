@@ -636,8 +636,12 @@ class INFPPipeline(DiffusionPipeline):
         release the GIL)."""
         size, working = portrait.image.shape[-1], self.appearance_encoder.config.sample_size
 
+        head_motion = self.flow_estimator.config.head_motion
+
         def flow(driving: np.ndarray) -> np.ndarray:
-            return prior_flow(portrait.landmarks, driving, size, working, person_mask=portrait.person_mask)[0]
+            return prior_flow(
+                portrait.landmarks, driving, size, working, person_mask=portrait.person_mask, head_motion=head_motion
+            )[0]
 
         return _per_mesh(flow, meshes, pool)
 

@@ -92,4 +92,6 @@ def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_dat
     assert head["ssim_face"] > prior["ssim_face"]
     assert head["ssim_elsewhere"] == pytest.approx(prior["ssim_elsewhere"], abs=0.01)
     assert mean["person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)  # same inside
+    assert mean["rigid person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)
+    assert mean["rigid person prior warp"] != mean["person prior warp"]
     assert set(mean["static"]) == {"ssim", "psnr", "ssim_face", "ssim_around", "ssim_elsewhere"}

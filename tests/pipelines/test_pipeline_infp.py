@@ -243,6 +243,14 @@ def test_render_moves_the_portrait_by_the_mesh_its_latents_decode_to(face):
     torch.testing.assert_close(person_prior[0], torch.from_numpy(expected))
     assert person_prior[0, 0, working // 2, working // 2] == prior[0, 0, working // 2, working // 2]
     assert not torch.equal(person_prior, prior)
+    # ... with the head's motion its config names.
+    pipe.flow_estimator.register_to_config(head_motion="rigid")
+    expected = prior_flow(
+        face.landmarks, meshes[0], IMAGE_SIZE, working, person_mask=with_person.person_mask, head_motion="rigid"
+    )[0]
+    torch.testing.assert_close(pipe.prior_flows(with_person, meshes)[0], torch.from_numpy(expected))
+    assert not torch.equal(pipe.prior_flows(with_person, meshes), person_prior)
+    pipe.flow_estimator.register_to_config(head_motion="affine")
     # A face decoder with a warp lock gets the mask of each frame's mesh, and the face is the warped portrait there.
     assert pipe.warp_locks(portrait, meshes) is None
     pipe.face_decoder.register_to_config(warp_lock_margin=0.1)

@@ -21,6 +21,7 @@ from pipeline_infp.processing import (
     warp_lock,
 )
 from pipeline_infp.processing.face import _region_indices
+from pipeline_infp.processing.mesh_warp import _face_outline, _similarity_3d
 
 SIZE = 256
 
@@ -334,6 +335,64 @@ def test_person_prior_moves_hair_with_the_head_and_fills_what_it_uncovers_with_b
     assert samples_person(flow)[uncovered].mean() < 0.4 and samples_person(plain)[uncovered].mean() > 0.8
     assert samples_person(flow)[background].mean() < 0.02
     assert np.abs(flow[:, :4, :4]).max() == 0  # far background stays still
+
+
+def test_similarity_3d_recovers_a_turn_scale_and_shift(landmarks):
+    angle = np.deg2rad(20)
+    turn = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    moved = 1.1 * landmarks @ turn.T + [3.0, -2.0, 5.0]
+    scale, rotation, translation = _similarity_3d(landmarks, moved)
+    assert scale == pytest.approx(1.1)
+    np.testing.assert_allclose(rotation, turn, atol=1e-9)
+    np.testing.assert_allclose(scale * landmarks @ rotation.T + translation, moved, atol=1e-6)
+
+
+def _turned(landmarks, degrees):
+    """The mesh turned (yaw) about a vertical axis through the plane where the rigid prior puts the hair."""
+    outline = _face_outline()
+    centre = np.array(
+        [landmarks[outline, 0].mean(), 0.0, landmarks[outline, 2].mean() + 0.3 * np.ptp(landmarks[outline, 0])]
+    )
+    angle = np.deg2rad(degrees)
+    turn = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    return (landmarks - centre) @ turn.T + centre
+
+
+def test_rigid_person_prior_turns_the_hair_about_the_head_where_the_affine_one_drags_it(landmarks):
+    person = _oval_mask(landmarks, SIZE, grow=40).astype(np.float32)
+    still = prior_flow(landmarks, landmarks, SIZE, 64, person_mask=person, head_motion="rigid")[0]
+    np.testing.assert_allclose(still, 0, atol=1e-5)
+    shift = 6.0  # a head moved sideways: both carry the hair along with it
+    moved = landmarks.copy()
+    moved[:, 0] += shift
+    rigid, mask = prior_flow(landmarks, moved, SIZE, person_mask=person, head_motion="rigid")
+    affine, _ = prior_flow(landmarks, moved, SIZE, person_mask=person)
+    np.testing.assert_allclose(rigid[:, mask > 0], affine[:, mask > 0])  # the mesh's own flow inside it
+    ring = _oval_mask(moved, SIZE, grow=16) & ~_oval_mask(moved, SIZE, grow=14) & ~(mask > 0)
+    assert rigid[0][ring].mean() / (-2 * shift / SIZE) > 0.8
+    # A turn of the head: the face's front (the outline) moves sideways, the hair above the head's centre stays.
+    turned = _turned(landmarks, 12)
+    outline = _face_outline()
+    assert abs(turned[outline, 0].mean() - landmarks[outline, 0].mean()) > 5
+    rigid, mask = prior_flow(landmarks, turned, SIZE, person_mask=person, head_motion="rigid")
+    affine, _ = prior_flow(landmarks, turned, SIZE, person_mask=person)
+    above = round(turned[outline, 1].min()) - 30
+    columns = slice(round(turned[outline, 0].mean()) - 10, round(turned[outline, 0].mean()) + 10)
+    assert not mask[above, columns].any() and person[above, columns].all()
+    assert np.abs(rigid[0, above, columns] * SIZE / 2).max() < 0.5
+    assert np.abs(affine[0, above, columns] * SIZE / 2).mean() > 5
+    # A jaw that opens leaves the skull, and so the hair above it, where it was.
+    below_nose = landmarks[:, 1] > landmarks[1, 1]
+    opened = landmarks.copy()
+    opened[below_nose, 1] += 8 * (landmarks[below_nose, 1] - landmarks[1, 1]) / np.ptp(landmarks[below_nose, 1])
+    rigid, _ = prior_flow(landmarks, opened, SIZE, person_mask=person, head_motion="rigid")
+    affine, _ = prior_flow(landmarks, opened, SIZE, person_mask=person)
+    above = round(landmarks[outline, 1].min()) - 30
+    columns = slice(round(landmarks[outline, 0].mean()) - 10, round(landmarks[outline, 0].mean()) + 10)
+    assert np.abs(rigid[:, above, columns] * SIZE / 2).max() < 0.1
+    assert np.abs(affine[1, above, columns] * SIZE / 2).mean() > 1
+    with pytest.raises(ValueError, match="head_motion"):
+        prior_flow(landmarks, turned, SIZE, person_mask=person, head_motion="3d")
 
 
 def test_moved_region_covers_what_the_motion_moves_and_nothing_else(landmarks):

@@ -69,6 +69,13 @@ def test_pairs_have_images_hybrids_and_mesh_flow(data_dir):
     inside = sample["mesh_mask"].expand(2, -1, -1) > 0
     assert torch.equal(person["prior_flow"][inside], sample["prior_flow"][inside])
     assert not torch.equal(person["prior_flow"], sample["prior_flow"])
+    # ... as does its rigid head motion.
+    dataset.head_motion = "rigid"
+    rigid = dataset[3]
+    assert all(torch.equal(person[k], rigid[k]) for k in person if k != "prior_flow")
+    assert torch.equal(rigid["prior_flow"][inside], sample["prior_flow"][inside])
+    assert not torch.equal(rigid["prior_flow"], person["prior_flow"])
+    dataset.head_motion = "affine"
     # The face decoder's warp lock comes with the pair, of the same mesh as the prior, and changes nothing else.
     dataset.person_prior, dataset.warp_lock_margin = False, 0.1
     locked = dataset[3]
@@ -187,10 +194,12 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
     first = tmp_path / "first" / "pipeline"
     main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
                    "--learning_rate", "1e-2", "--max_train_steps", "2", "--optical_flow_weight", "1",
-                   "--person_prior", "--warp_lock_margin", "0.1", "--dataloader_num_workers", "1"))  # fmt: skip
+                   "--person_prior", "--head_motion", "rigid", "--warp_lock_margin", "0.1",
+                   "--dataloader_num_workers", "1"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
     # Fine-tuned onto the person prior (its loader workers spawned, as MediaPipe needs): the pipeline will use it.
     assert not before.flow_estimator.config.person_prior and after.flow_estimator.config.person_prior
+    assert before.flow_estimator.config.head_motion == "affine" and after.flow_estimator.config.head_motion == "rigid"
     assert before.face_decoder.config.warp_lock_margin is None and after.face_decoder.config.warp_lock_margin == 0.1
     kept, tuned = before.motion_encoder.state_dict(), after.motion_encoder.state_dict()
     assert kept.keys() == tuned.keys() and all(torch.equal(kept[k], tuned[k]) for k in kept)

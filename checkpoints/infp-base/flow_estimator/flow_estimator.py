@@ -47,9 +47,11 @@ class FlowEstimator(ModelMixin, ConfigMixin):
         norm_groups: int = 8,
         occlusion_init: float = 3.0,
         person_prior: bool = False,
+        head_motion: str = "affine",
     ):
-        """`person_prior`: the prior flow this estimator was trained on, so the pipeline computes the same one:
-        carried over the source's person mask (`processing.prior_flow(person_mask=...)`) or not."""
+        """`person_prior`, `head_motion`: the prior flow this estimator was trained on, so the pipeline computes the
+        same one: carried over the source's person mask (`processing.prior_flow(person_mask=...)`) or not, with the
+        head's 2-D affine ("affine") or 3-D rigid ("rigid") motion."""
         super().__init__()
         self.motion_embed = nn.Sequential(
             nn.Linear(3 * latent_dim, motion_embed_dim), nn.SiLU(), nn.Linear(motion_embed_dim, motion_embed_dim)
