@@ -366,10 +366,10 @@ def _person_prior(
     out = mask.shape[0]
     centres = np.arange(out, dtype=np.float32)
     grid = np.stack(np.meshgrid(centres, centres), axis=-1)  # pixel (x, y) at the output resolution
-    outline = _face_outline()
     if head_motion == "rigid":
         head = _rigid_head_motion(source_landmarks, driving_landmarks, out / size, grid)
     else:
+        outline = _face_outline()
         normalised = (2 * grid + 1) / out - 1
         to_norm = lambda xy: (2 * np.asarray(xy, dtype=np.float64)[..., :2] + 1) / size - 1  # noqa: E731
         drv, src = to_norm(driving_landmarks)[outline], to_norm(source_landmarks)[outline]
@@ -427,8 +427,7 @@ def _rigid_head_motion(
     pixels; `to_out` scales them to `grid` [h, w, 2], the output's pixel centres) for points on the plane `depth`
     outline widths behind the driving face outline, where the hair's silhouette lies (0.3 fitted on training clips;
     the outline's own depth, 0, and 0.6 both carry the hair worse). The motion is fitted to the points that move
-    with the skull alone (`_skull_points`): fitted to the whole outline, a jaw that opens reads as the head
-    nodding, and the hair would bob with speech."""
+    with the skull alone (`_skull_points`): fitted to the whole outline, an opening jaw would move the hair too."""
     pixel_centres = np.array([0.5, 0.5, 0.0])
     source = (np.asarray(source_landmarks, dtype=np.float64)[:, :3] + pixel_centres) * to_out - pixel_centres
     driving = (np.asarray(driving_landmarks, dtype=np.float64)[:, :3] + pixel_centres) * to_out - pixel_centres
