@@ -21,6 +21,7 @@ import functools
 import cv2
 import numpy as np
 
+from ..motion_features import align
 from .face import _EYE_OUTER_CORNERS, _face_size
 
 __all__ = [
@@ -408,18 +409,6 @@ def _person_prior(
     return np.where(mask[None] > 0, flow, outside.transpose(2, 0, 1)).astype(np.float32)
 
 
-def _similarity_3d(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """(scale, rotation [3, 3], translation [3]) with target ≈ scale · rotation · source + translation, least
-    squares over corresponding points [N, 3] (Umeyama's method)."""
-    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
-    centred_source, centred_target = source - source_mean, target - target_mean
-    u, singular, vt = np.linalg.svd(centred_target.T @ centred_source / len(source))
-    reflection = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = u @ reflection @ vt
-    scale = np.trace(np.diag(singular) @ reflection) / (centred_source**2).sum(axis=1).mean()
-    return scale, rotation, target_mean - scale * rotation @ source_mean
-
-
 def _rigid_head_motion(
     source_landmarks: np.ndarray, driving_landmarks: np.ndarray, to_out: float, grid: np.ndarray, depth: float = 0.3
 ) -> np.ndarray:
@@ -432,7 +421,7 @@ def _rigid_head_motion(
     source = (np.asarray(source_landmarks, dtype=np.float64)[:, :3] + pixel_centres) * to_out - pixel_centres
     driving = (np.asarray(driving_landmarks, dtype=np.float64)[:, :3] + pixel_centres) * to_out - pixel_centres
     skull = _skull_points(source)
-    scale, rotation, translation = _similarity_3d(source[skull], driving[skull])
+    scale, rotation, translation = align(source[skull], driving[skull])
     outline = driving[_face_outline()]
     plane = outline[:, 2].mean() + depth * np.ptp(outline[:, 0])
     points = np.concatenate([grid, np.full(grid.shape[:2] + (1,), plane)], axis=-1)

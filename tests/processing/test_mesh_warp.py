@@ -21,7 +21,7 @@ from pipeline_infp.processing import (
     warp_lock,
 )
 from pipeline_infp.processing.face import _region_indices
-from pipeline_infp.processing.mesh_warp import _face_outline, _similarity_3d
+from pipeline_infp.processing.mesh_warp import _face_outline
 
 SIZE = 256
 
@@ -335,16 +335,6 @@ def test_person_prior_moves_hair_with_the_head_and_fills_what_it_uncovers_with_b
     assert samples_person(flow)[uncovered].mean() < 0.4 and samples_person(plain)[uncovered].mean() > 0.8
     assert samples_person(flow)[background].mean() < 0.02
     assert np.abs(flow[:, :4, :4]).max() == 0  # far background stays still
-
-
-def test_similarity_3d_recovers_a_turn_scale_and_shift(landmarks):
-    angle = np.deg2rad(20)
-    turn = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
-    moved = 1.1 * landmarks @ turn.T + [3.0, -2.0, 5.0]
-    scale, rotation, translation = _similarity_3d(landmarks, moved)
-    assert scale == pytest.approx(1.1)
-    np.testing.assert_allclose(rotation, turn, atol=1e-9)
-    np.testing.assert_allclose(scale * landmarks @ rotation.T + translation, moved, atol=1e-6)
 
 
 def _turned(landmarks, degrees):
