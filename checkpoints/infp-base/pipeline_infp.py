@@ -57,6 +57,11 @@ from pipeline_infp.processing import (
 )
 from pipeline_infp.processing import paste_back as paste_back_frames
 
+# Lips drawn at rest this far apart (inner-lip gap, inter-ocular distances) or more are closed in the image: a little
+# under `OPEN_MOUTH_APERTURE`, since the least motion while listening opens them further (a grin drawn at 0.046 read
+# 0.056 on average over its listening frames).
+DRAWN_CLOSED_APERTURE = 0.045
+
 
 @dataclass
 class INFPPipelineOutput(BaseOutput):
@@ -350,24 +355,33 @@ class INFPPipeline(DiffusionPipeline):
         `rest` closes the mesh of any parted lips, and from lips a little apart the renderer draws them closed. From
         a wide-open mouth (a shout, an "O", a grin) it cannot: there MediaPipe puts the inner-lip line inside the
         mouth, so the warp carries interior into the lips (a shout's inner-lip gap 0.47 → 0.19 rendered at rest,
-        bundled renderer). So when the portrait drawn at rest still shows its lips apart (`OPEN_MOUTH_APERTURE`),
-        passes close the image: each renders it at rest, keeps that only where the closing moves the face
-        (`moved_region`), the rest of the portrait as it was, and meshes it again, until its own lips meet (the
-        shout: 0.47 → 0.01 in three passes). Stops after `max_passes`, or when no face is found in a pass's image.
-        A portrait the renderer closes by itself is returned as it is: every pass blurs the image a little."""
+        bundled renderer). So when the portrait drawn at rest as it will be animated (from its own latent: no motion,
+        its own appearance values) still shows its lips apart (`DRAWN_CLOSED_APERTURE`), passes close the image:
+        each renders it at rest, keeps that only where the closing moves the face (`moved_region`), the rest of the
+        portrait as it was, and meshes it again, until its own lips meet (the shout: 0.47 → 0.01 in three passes).
+        Stops after `max_passes`, or when no face is found in a pass's image. A portrait the renderer closes by
+        itself is returned as it is: every pass blurs the image a little."""
+        # The passes draw from the zero latent, whose appearance values no training sample has (the encoder's sit ~81
+        # from zero and vary by ~0.15): from it the renderer draws lips meeting (from the portrait's own values the
+        # bundled renderer's listening mouth fell, seeds 0 / 1: 93.3 → 92.4 / 91.0 → 90.0 %). The check is drawn
+        # as animated: a fine-tuned renderer may draw the zero latent worse (the fine-tune in the bundled one: whole
+        # face changed, lips apart), and passes on portraits it animates closed distort them (`evaluate motion` FD
+        # 8.68 with the old check, 8.42 with this one).
         zero = torch.zeros(1, self.motion_encoder.config.latent_dim)
         for index in range(max_passes):
             if mouth_aperture(face.landmarks) < OPEN_MOUTH_APERTURE:
                 break
             encoding = self.encode_portrait(face)
             encoding.rest = self.rest_motion(encoding.landmarks).to(encoding.latent)
-            # Without the lock: it keeps the warped portrait's lips, and the warp of a wide-open mouth carries the
-            # mouth's interior into them; the decoder learnt to draw lips meeting (the shout: 0.47 → 0.035 locked,
-            # 0.010 not, in three passes).
-            rendered = frames_to_uint8(self.render(encoding, zero.to(encoding.latent), warp_lock=False))[0]
             try:
-                if index == 0 and mouth_aperture(self.face_processor.landmarks(rendered)) < OPEN_MOUTH_APERTURE:
-                    break  # the renderer draws these lips closed by itself
+                if index == 0:
+                    as_animated = frames_to_uint8(self.render(encoding, encoding.latent, warp_lock=False))[0]
+                    if mouth_aperture(self.face_processor.landmarks(as_animated)) < DRAWN_CLOSED_APERTURE:
+                        break  # the renderer draws these lips closed by itself
+                # Without the lock: it keeps the warped portrait's lips, and the warp of a wide-open mouth carries the
+                # mouth's interior into them; the decoder learnt to draw lips meeting (the shout: 0.47 → 0.035
+                # locked, 0.010 not, in three passes).
+                rendered = frames_to_uint8(self.render(encoding, zero.to(encoding.latent), warp_lock=False))[0]
                 rest_mesh = self.motion_landmarks(encoding.landmarks, encoding.rest)[0]
                 weight = moved_region(encoding.landmarks, rest_mesh, face.image.shape[0])[..., None]
                 image = np.ascontiguousarray((weight * rendered + (1 - weight) * face.image).round().astype(np.uint8))

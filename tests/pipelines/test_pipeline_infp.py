@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline_infp import build_pipeline
+from pipeline_infp.pipeline_infp import DRAWN_CLOSED_APERTURE
 from pipeline_infp.processing import (
     OPEN_MOUTH_APERTURE,
     SAMPLE_RATE,
@@ -333,6 +334,42 @@ def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, ope
         assert np.array_equal(pipe.close_portrait_mouth(open_face).image, unlocked.image)
     finally:
         pipe.face_decoder.register_to_config(warp_lock_margin=None)
+
+
+def test_close_portrait_mouth_checks_the_lips_as_animated_and_closes_them_from_the_zero_latent(
+    jaw_pipe, open_face, monkeypatch
+):
+    """The check draws the portrait as the animation will (its own appearance values); the pass from zero motion and
+    zero appearance values, from which the renderer draws lips meeting."""
+    pipe = jaw_pipe
+    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
+    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    drawn, render = [], pipe.render
+    monkeypatch.setattr(
+        pipe, "render", lambda portrait, latents, **kw: drawn.append(latents) or render(portrait, latents, **kw)
+    )
+    pipe.close_portrait_mouth(open_face, max_passes=1)
+    own = pipe.encode_portrait(open_face).latent
+    geometry = pipe.motion_encoder.config.landmark_components
+    assert not own[:, :geometry].any() and own[:, geometry:].abs().sum() > 0  # at rest, with its own appearance
+    assert len(drawn) == 2 and torch.equal(drawn[0], own) and not drawn[1].any()
+
+
+def test_close_portrait_mouth_closes_lips_drawn_only_just_under_open(jaw_pipe, open_face, monkeypatch):
+    """Lips drawn at rest a little apart open past the threshold at the slightest motion while listening."""
+    pipe = jaw_pipe
+    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
+    target = (DRAWN_CLOSED_APERTURE + OPEN_MOUTH_APERTURE) / 2
+    low, high = 0.0, 1.0  # the mix of the closed and the open mesh whose lips are that far apart
+    for _ in range(30):
+        mix = (low + high) / 2
+        gap = mouth_aperture(rest_mesh + mix * (open_face.landmarks - rest_mesh))
+        low, high = (mix, high) if gap < target else (low, mix)
+    ajar = rest_mesh + low * (open_face.landmarks - rest_mesh)
+    assert DRAWN_CLOSED_APERTURE < mouth_aperture(ajar) < OPEN_MOUTH_APERTURE
+    read_meshes(pipe, monkeypatch, ajar, rest_mesh)
+    closed = pipe.close_portrait_mouth(open_face)
+    assert np.array_equal(closed.landmarks, rest_mesh) and not np.array_equal(closed.image, open_face.image)
 
 
 def test_close_portrait_mouth_leaves_the_portrait_when_the_renderer_closes_it_or_loses_it(
