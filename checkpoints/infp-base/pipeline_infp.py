@@ -362,11 +362,11 @@ class INFPPipeline(DiffusionPipeline):
         Stops after `max_passes`, or when no face is found in a pass's image. A portrait the renderer closes by
         itself is returned as it is: every pass blurs the image a little."""
         # The passes draw from the zero latent, whose appearance values no training sample has (the encoder's sit ~81
-        # from zero and vary by ~0.15): from it the renderer draws lips meeting (from the portrait's own values the
-        # bundled renderer's listening mouth fell, seeds 0 / 1: 93.3 → 92.4 / 91.0 → 90.0 %). The check is drawn
-        # as animated: a fine-tuned renderer may draw the zero latent worse (the fine-tune in the bundled one: whole
-        # face changed, lips apart), and passes on portraits it animates closed distort them (`evaluate motion` FD
-        # 8.68 with the old check, 8.42 with this one).
+        # from zero and vary by ~0.15): from it the renderer draws lips meeting (passes from the portrait's own values
+        # lowered the listening mouth, e.g. the bundled renderer's 95.6 → 86.3 %, seed 0). The check is drawn as
+        # animated: a renderer may draw the zero latent worse (the fine-tune in the bundled one: whole face changed,
+        # lips apart), and passes on portraits it animates closed distort them (`evaluate motion` FD 8.68 with the
+        # check drawn from the zero latent, 8.42 with this one).
         zero = torch.zeros(1, self.motion_encoder.config.latent_dim)
         for index in range(max_passes):
             if mouth_aperture(face.landmarks) < OPEN_MOUTH_APERTURE:
