@@ -369,7 +369,11 @@ def _person_prior(
     grid = np.stack(np.meshgrid(centres, centres), axis=-1)  # pixel (x, y) at the output resolution
     if head_motion == "rigid":
         head = _rigid_head_motion(source_landmarks, driving_landmarks, out / size, grid)
+        rows = np.flatnonzero(mask.max(axis=1) > 0)
+        chin = rows.max() if len(rows) else out
+        head_reach = np.where(centres[:, None] > chin, 0.15, 0.45)
     else:
+        head_reach = 0.2
         outline = _face_outline()
         normalised = (2 * grid + 1) / out - 1
         to_norm = lambda xy: (2 * np.asarray(xy, dtype=np.float64)[..., :2] + 1) / size - 1  # noqa: E731
@@ -385,11 +389,6 @@ def _person_prior(
     )
     head = head + departure * np.clip(weight / reach, 0, 1)[..., None]
     distance = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 5) / out
-    head_reach = 0.2
-    if head_motion == "rigid":
-        rows = np.flatnonzero(mask.max(axis=1) > 0)
-        chin = rows.max() if len(rows) else out
-        head_reach = np.where(centres[:, None] > chin, 0.15, 0.45)
     head *= np.exp(-((distance / head_reach) ** 2))[..., None]
 
     person = cv2.resize(np.asarray(person_mask, dtype=np.float32), (out, out), interpolation=cv2.INTER_AREA)
