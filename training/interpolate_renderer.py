@@ -11,6 +11,11 @@ to unseen faces (cross-identity mouth correlation, expression fidelity); halfway
     python training/interpolate_renderer.py --base checkpoints/infp-base --finetuned runs/head/pipeline \\
         --alpha 0.5 --warp_lock_margin 0.1 --output_dir runs/renderer-wise
 
+`--component_alpha appearance_encoder=1` moves one component by its own amount, since the gain and the loss need
+not sit in the same network: on the rigid-prior fine-tune the cross-identity mouth follows the flow estimator and
+the pixels mostly the appearance encoder; the closed mouth while listening follows the appearance encoder too
+(model card).
+
 The weights keep the base's dtype. A fine-tune made with `--freeze motion_encoder` keeps the motion encoder, so
 the base's stage-2 model stays valid; one that trained it changes the motion latents' space, and the motion model
 must be retrained (`prepare_motion.py`, `train_motion.py`).
@@ -36,7 +41,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         __doc__.split("\n\n")[0], "folder with the fine-tuned renderer's four components", "the interpolated pipeline"
     )
     parser.add_argument("--warp_lock_margin", type=float, help="the face decoder's warp lock (default: fine-tuned's)")
+    parser.add_argument(
+        "--component_alpha", nargs="+", default=[], metavar="NAME=ALPHA",
+        help=f"a component's own alpha instead of --alpha (components: {', '.join(RENDERER)})",
+    )  # fmt: skip
     args = checked_interpolation_args(parser, argv)
+    args.alphas = dict.fromkeys(RENDERER, args.alpha)
+    for item in args.component_alpha:
+        name, _, value = item.partition("=")
+        if name not in RENDERER:
+            parser.error(f"--component_alpha {item}: name one of {', '.join(RENDERER)}, as NAME=ALPHA")
+        try:
+            args.alphas[name] = float(value)
+        except ValueError:
+            parser.error(f"--component_alpha {item}: the alpha after '=' must be a number from 0 to 1")
+        if not 0.0 <= args.alphas[name] <= 1.0:
+            parser.error(f"--component_alpha {item}: choose a value from 0 (base) to 1 (fine-tuned)")
     for folder in (args.base, args.finetuned):
         missing = [name for name in RENDERER if not (Path(folder) / name / WEIGHTS).is_file()]
         if missing:
@@ -52,14 +72,15 @@ def main(argv=None) -> Path:
     shutil.copytree(base, output_dir)
     for name in RENDERER:
         start = load_file(base / name / WEIGHTS)
-        mixed = interpolate(start, load_file(tuned / name / WEIGHTS), args.alpha)
+        mixed = interpolate(start, load_file(tuned / name / WEIGHTS), args.alphas[name])
         save_file({k: v.to(start[k].dtype) for k, v in mixed.items()}, output_dir / name / WEIGHTS, {"format": "pt"})
         config = json.loads((tuned / name / "config.json").read_text())
         config.pop("_name_or_path", None)
         if name == "face_decoder" and args.warp_lock_margin is not None:
             config["warp_lock_margin"] = args.warp_lock_margin
         (output_dir / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {output_dir}: renderer {args.alpha:g} of the way from {args.base} to {args.finetuned}")
+    shares = ", ".join(f"{name} {alpha:g}" for name, alpha in args.alphas.items())
+    print(f"wrote {output_dir}: renderer from {args.base} towards {args.finetuned} by {shares}")
     return output_dir
 
 

@@ -52,6 +52,15 @@ def test_alpha_zero_and_one_give_the_two_renderers(folders):
             assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_component_can_move_by_its_own_alpha(folders):
+    out = run(folders, 0.5, folders / "per-component", "--component_alpha", "appearance_encoder=1", "face_decoder=0")
+    expected = {"motion_encoder": 0.5, "appearance_encoder": 1.0, "flow_estimator": 0.5, "face_decoder": 0.0}
+    for name, alpha in expected.items():
+        base, tuned, mixed = (load_file(f / name / WEIGHTS) for f in (folders / "base", folders / "tuned", out))
+        for key, value in mixed.items():
+            torch.testing.assert_close(value, base[key] + alpha * (tuned[key] - base[key]))
+
+
 def test_other_architectures_and_bad_arguments_are_refused(folders, tmp_path, capsys):
     other = build_pipeline("tiny", seed=0)
     config = {k: v for k, v in other.face_decoder.config.items() if not k.startswith("_")}
@@ -64,6 +73,9 @@ def test_other_architectures_and_bad_arguments_are_refused(folders, tmp_path, ca
         (["--alpha", "1.5"], "choose a value from 0"),
         (["--output_dir", str(folders / "base")], "must be a new folder"),
         (["--finetuned", str(tmp_path / "nowhere")], "no motion_encoder"),
+        (["--component_alpha", "decoder=1"], "name one of motion_encoder"),
+        (["--component_alpha", "flow_estimator=half"], "must be a number"),
+        (["--component_alpha", "flow_estimator=2"], "choose a value from 0"),
     ):
         defaults = {"--base": str(folders / "base"), "--finetuned": str(folders / "tuned"), "--alpha": "0.5",
                     "--output_dir": str(tmp_path / "out")}  # fmt: skip
