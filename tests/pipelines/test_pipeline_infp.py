@@ -280,6 +280,12 @@ def jaw_pipe(open_face):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def rest_mesh(jaw_pipe, open_face):
+    """`open_face`'s mesh with the lips closed by `rest_motion`, as the pipeline draws it at rest."""
+    return jaw_pipe.motion_landmarks(open_face.landmarks, jaw_pipe.rest_motion(open_face.landmarks))[0]
+
+
 def test_rest_motion_closes_the_mesh_of_parted_lips(jaw_pipe, open_face):
     rest = jaw_pipe.rest_motion(open_face.landmarks)
     geometry = jaw_pipe.motion_encoder.config.landmark_components
@@ -300,9 +306,10 @@ def read_meshes(pipe, monkeypatch, *meshes):
     monkeypatch.setattr(pipe.face_processor, "landmarks", landmarks)
 
 
-def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_else(jaw_pipe, open_face, monkeypatch):
+def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_else(
+    jaw_pipe, open_face, rest_mesh, monkeypatch
+):
     pipe = jaw_pipe
-    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
     assert mouth_aperture(open_face.landmarks) >= OPEN_MOUTH_APERTURE > mouth_aperture(rest_mesh)
     # The frame drawn at rest still shows the lips apart: the pass keeps it where the closing moves the face.
     read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
@@ -318,10 +325,9 @@ def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_e
     assert np.array_equal(portrait.image, pipe.encode_portrait(closed).image)
 
 
-def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, open_face, monkeypatch):
+def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, open_face, rest_mesh, monkeypatch):
     """The lock would keep the warped portrait's lips, into which the warp of a wide-open mouth carries its inside."""
     pipe = jaw_pipe
-    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
     read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
     unlocked = pipe.close_portrait_mouth(open_face)
     encoding = pipe.encode_portrait(open_face)
@@ -337,12 +343,11 @@ def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, ope
 
 
 def test_close_portrait_mouth_checks_the_lips_as_animated_and_closes_them_from_the_zero_latent(
-    jaw_pipe, open_face, monkeypatch
+    jaw_pipe, open_face, rest_mesh, monkeypatch
 ):
     """The check draws the portrait as the animation will (its own appearance values); the pass from zero motion and
     zero appearance values, from which the renderer draws lips meeting."""
     pipe = jaw_pipe
-    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
     read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
     drawn, render = [], pipe.render
     monkeypatch.setattr(
@@ -355,10 +360,9 @@ def test_close_portrait_mouth_checks_the_lips_as_animated_and_closes_them_from_t
     assert len(drawn) == 2 and torch.equal(drawn[0], own) and not drawn[1].any()
 
 
-def test_close_portrait_mouth_closes_lips_drawn_only_just_under_open(jaw_pipe, open_face, monkeypatch):
+def test_close_portrait_mouth_closes_lips_drawn_only_just_under_open(jaw_pipe, open_face, rest_mesh, monkeypatch):
     """Lips drawn at rest a little apart open past the threshold at the slightest motion while listening."""
     pipe = jaw_pipe
-    rest_mesh = pipe.motion_landmarks(open_face.landmarks, pipe.rest_motion(open_face.landmarks))[0]
     target = (DRAWN_CLOSED_APERTURE + OPEN_MOUTH_APERTURE) / 2
     low, high = 0.0, 1.0  # the mix of the closed and the open mesh whose lips are that far apart
     for _ in range(30):
