@@ -15,8 +15,13 @@ first frame as source, fixed 256² crop; SSIM overall and by region, PSNR), ever
   frame inside its face mesh and the band around it (hair, ears, neck: the evaluation's `face` and `around`
   regions), the prior elsewhere: what a renderer that got the whole head right, but knew no more than a face mesh
   tells about the torso and background, would reach by warping alone;
-* `flow oracle`: that optical flow everywhere: a renderer whose flow were right for the torso and background too.
-The oracles see the answer, so they are ceilings, not baselines.
+* `flow oracle on the person`: that optical flow wherever the real frame shows the person (MediaPipe selfie
+  segmentation), the background held still: a renderer that got head, hair and torso right and, like every
+  renderer here, keeps the portrait's background where it is;
+* `flow oracle`: that optical flow everywhere: a renderer whose flow were right for the background too.
+The oracles see the answer, so they are ceilings, not baselines. Per clip, `background motion` is the median
+length (pixels of the crop) of the optical flow where neither frame shows the person: near 0 for a still camera,
+larger where the camera pans or the video was cut to follow the face, which no face mesh tells a renderer.
 """
 
 import argparse
@@ -47,6 +52,7 @@ METHODS = (
     "person prior warp",
     "rigid person prior warp",
     "flow oracle on the head",
+    "flow oracle on the person",
     "flow oracle",
 )
 
@@ -70,9 +76,19 @@ def warp(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
     return cv2.remap(source, grid[..., 0], grid[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def warps(source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person, labels: np.ndarray) -> dict:
+def background_motion(flow: np.ndarray, source_person: np.ndarray, driving_person: np.ndarray) -> float:
+    """Median length (pixels) of the optical flow [S, S, 2] where neither frame's person mask [S, S] reaches 0.5;
+    NaN when the person fills the frame."""
+    background = (source_person < 0.5) & (driving_person < 0.5)
+    return float(np.median(np.linalg.norm(flow[background], axis=-1))) if background.any() else float("nan")
+
+
+def warps(
+    source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person, driving_person, labels: np.ndarray
+) -> tuple[dict, float]:
     """The warped rows for one driving frame: the priors (without and with the source's `person` mask, the latter
-    with either head motion), oracle on the head (`face_regions` labels 0 and 1), oracle."""
+    with either head motion), oracle on the head (`face_regions` labels 0 and 1), oracle on the person
+    (`driving_person` ≥ 0.5, zero flow elsewhere), oracle; and the frame's `background_motion`."""
     size = source.shape[0]
 
     def pixels(**kwargs) -> np.ndarray:
@@ -81,19 +97,23 @@ def warps(source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person
     prior = pixels()
     oracle = optical_flow(source, driving)
     on_head = np.where((labels <= 1)[..., None], oracle, prior)
-    return {
+    on_person = np.where((driving_person >= 0.5)[..., None], oracle, 0.0).astype(np.float32)
+    rows = {
         "prior warp": warp(source, prior),
         "person prior warp": warp(source, pixels(person_mask=person)),
         "rigid person prior warp": warp(source, pixels(person_mask=person, head_motion="rigid")),
         "flow oracle on the head": warp(source, on_head),
+        "flow oracle on the person": warp(source, on_person),
         "flow oracle": warp(source, oracle),
     }
+    return rows, background_motion(oracle, person, driving_person)
 
 
 def clip_ceiling(processor: FaceProcessor, path: Path, args: argparse.Namespace) -> dict:
     max_frames = None if args.max_frames is None else args.max_frames + 1
     track = track_clip(processor, path, args.size, 25.0, max_frames).fixed()
     scores = {m: {"ssim": [], "psnr": [], **{k: [] for k in REGION_KEYS}} for m in METHODS}
+    shifts = []
     source = None
     for positions, crops in iter_crops(path, track, 25.0):
         if source is None:
@@ -104,9 +124,11 @@ def clip_ceiling(processor: FaceProcessor, path: Path, args: argparse.Namespace)
             continue
         real, landmarks = crops[keep], track.landmarks[positions[keep]]
         labels = np.stack([face_regions(lm, args.size) for lm in landmarks])
-        warped = [
-            warps(source, x, track.landmarks[0], lm, person, label) for x, lm, label in zip(real, landmarks, labels)
-        ]
+        warped = []
+        for x, lm, label in zip(real, landmarks, labels):
+            rows, shift = warps(source, x, track.landmarks[0], lm, person, processor.person_mask(x), label)
+            warped.append(rows)
+            shifts.append(shift)
         outputs = {
             "static": np.broadcast_to(source, real.shape),
             "working size round trip": np.stack([round_trip(x, args.working_size) for x in real]),
@@ -118,6 +140,7 @@ def clip_ceiling(processor: FaceProcessor, path: Path, args: argparse.Namespace)
     frames = len(scores["static"]["ssim"])
     return {
         "frames": frames,
+        "background_motion": float("nan") if np.isnan(shifts).all() else float(np.nanmedian(shifts)),
         "methods": {m: {k: float(np.nanmean(v)) for k, v in s.items()} for m, s in scores.items()},
     }
 
@@ -147,6 +170,10 @@ def main(argv=None) -> dict:
     print(f"{'method':26s}" + "".join(f"{k:>16s}" for k in mean["static"]))
     for method, figures in mean.items():
         print(f"{method:26s}" + "".join(f"{v:16.4f}" for v in figures.values()))
+    print(f"\n{'clip':32s}{'background motion px':>22s}{'SSIM / PSNR, flow oracle on the person':>40s}")
+    for clip, result in results.items():
+        person = result["methods"]["flow oracle on the person"]
+        print(f"{clip:32s}{result['background_motion']:22.2f}{person['ssim']:31.4f} / {person['psnr']:5.2f}")
     output = {"clips": results, "mean": mean, "stride": args.stride, "seconds": time.perf_counter() - start}
     if args.json:
         Path(args.json).write_text(json.dumps(output, indent=1))

@@ -69,6 +69,17 @@ def test_diarization_scores_against_rttm_turns(tmp_path):
     assert diarization.score(np.r_[np.full(25, 1), np.full(25, 1)], activity)["accuracy"] == 0.5
 
 
+def test_background_motion_is_the_median_flow_where_neither_frame_shows_the_person():
+    ceiling = load("renderer_ceiling")
+    flow = np.zeros((8, 8, 2), np.float32)
+    flow[..., 0] = 3.0  # a pan
+    flow[:, :4] = (0.0, 10.0)  # the person moving their own way
+    source_person, driving_person = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    source_person[:, :3], driving_person[:, :4] = 1.0, 1.0
+    assert ceiling.background_motion(flow, source_person, driving_person) == pytest.approx(3.0)
+    assert np.isnan(ceiling.background_motion(flow, np.ones((8, 8), np.float32), driving_person))
+
+
 def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_data, tmp_path):
     with open(shared_data / "manifest.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["id"] == "styletalk-feifeili-clip3"]  # a val clip
@@ -94,4 +105,8 @@ def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_dat
     assert mean["person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)  # same inside
     assert mean["rigid person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)
     assert mean["rigid person prior warp"] != mean["person prior warp"]
+    # The person oracle takes the optical flow wherever the real frame shows the person: the face among it.
+    assert mean["flow oracle on the person"]["ssim_face"] == pytest.approx(mean["flow oracle"]["ssim_face"], abs=0.01)
+    # A still camera: about a pixel of optical-flow noise (the val clips that pan or follow the face: 5-12 px).
+    assert 0 <= result["clips"]["styletalk-feifeili-clip3"]["background_motion"] < 3
     assert set(mean["static"]) == {"ssim", "psnr", "ssim_face", "ssim_around", "ssim_elsewhere"}
