@@ -40,10 +40,15 @@ def interpolation_parser(description: str, finetuned_help: str, output_help: str
     return parser
 
 
+def check_alpha(parser: argparse.ArgumentParser, given: str, alpha: float) -> None:
+    """Refuse an interpolation weight outside [0, 1]; `given` names the argument as the user wrote it."""
+    if not 0.0 <= alpha <= 1.0:
+        parser.error(f"{given}: choose a value from 0 (base) to 1 (fine-tuned)")
+
+
 def checked_interpolation_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error(f"--alpha {args.alpha}: choose a value from 0 (base) to 1 (fine-tuned)")
+    check_alpha(parser, f"--alpha {args.alpha}", args.alpha)
     if Path(args.output_dir).resolve() in (Path(args.base).resolve(), Path(args.finetuned).resolve()):
         parser.error("--output_dir must be a new folder: it is replaced, and the inputs are read from disk")
     return args

@@ -30,7 +30,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interpolate_motion import checked_interpolation_args, interpolate, interpolation_parser  # noqa: E402
+from interpolate_motion import check_alpha, checked_interpolation_args, interpolate, interpolation_parser  # noqa: E402
 from train_head_imitation import RENDERER  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -55,8 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.alphas[name] = float(value)
         except ValueError:
             parser.error(f"--component_alpha {item}: the alpha after '=' must be a number from 0 to 1")
-        if not 0.0 <= args.alphas[name] <= 1.0:
-            parser.error(f"--component_alpha {item}: choose a value from 0 (base) to 1 (fine-tuned)")
+        check_alpha(parser, f"--component_alpha {item}", args.alphas[name])
     for folder in (args.base, args.finetuned):
         missing = [name for name in RENDERER if not (Path(folder) / name / WEIGHTS).is_file()]
         if missing:
