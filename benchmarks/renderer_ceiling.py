@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     print(f"\n{'clip':32s}{'background motion px':>22s}{'SSIM / PSNR, flow oracle on the person':>40s}")
     for clip, result in results.items():
         person = result["methods"]["flow oracle on the person"]
-        print(f"{clip:32s}{result['background_motion']:22.2f}{person['ssim']:31.4f} / {person['psnr']:5.2f}")
+        print(f"{clip:32s}{result['background_motion']:22.2f}{person['ssim']:32.4f} / {person['psnr']:5.2f}")
     output = {"clips": results, "mean": mean, "stride": args.stride, "seconds": time.perf_counter() - start}
     if args.json:
         Path(args.json).write_text(json.dumps(output, indent=1))
