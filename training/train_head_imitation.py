@@ -117,7 +117,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="renderer components to keep as they are; --freeze motion_encoder when fine-tuning a checkpoint whose "
         "stage-2 motion model was trained on its motion latents (they stay valid)",
     )
-    parser.add_argument("--resolution", type=int, help="renderer working resolution (and training image size)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="training image size, and a new renderer's working resolution; with --init_from the working resolution "
+        "stays the checkpoint's and larger images are drawn as the pipeline draws its 256² crops (the renderer "
+        "resizes them for its encoders and warps them at full size)",
+    )
     parser.add_argument("--train_batch_size", type=int)
     parser.add_argument("--max_train_steps", type=int)
     parser.add_argument("--learning_rate", type=float)

@@ -195,8 +195,10 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
     main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
                    "--learning_rate", "1e-2", "--max_train_steps", "2", "--optical_flow_weight", "1",
                    "--person_prior", "--head_motion", "rigid", "--warp_lock_margin", "0.1",
-                   "--dataloader_num_workers", "1"))  # fmt: skip
+                   "--dataloader_num_workers", "1", "--resolution", "96"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
+    # Images larger than the checkpoint's working size train it as the pipeline runs it: the working size stays.
+    assert after.appearance_encoder.config.sample_size == before.appearance_encoder.config.sample_size == 64
     # Fine-tuned onto the person prior (its loader workers spawned, as MediaPipe needs): the pipeline will use it.
     assert not before.flow_estimator.config.person_prior and after.flow_estimator.config.person_prior
     assert before.flow_estimator.config.head_motion == "affine" and after.flow_estimator.config.head_motion == "rigid"
