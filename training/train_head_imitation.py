@@ -121,8 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resolution",
         type=int,
         help="training image size, and a new renderer's working resolution; with --init_from the working resolution "
-        "stays the checkpoint's and larger images are drawn as the pipeline draws its 256² crops (the renderer "
-        "resizes them for its encoders and warps them at full size)",
+        "stays the checkpoint's: the renderer resizes larger images for its encoders and warps them at full size, "
+        "but the prior flow is then computed at this size, where the pipeline computes it at the working size",
     )
     parser.add_argument("--train_batch_size", type=int)
     parser.add_argument("--max_train_steps", type=int)

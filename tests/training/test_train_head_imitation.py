@@ -197,7 +197,7 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
                    "--person_prior", "--head_motion", "rigid", "--warp_lock_margin", "0.1",
                    "--dataloader_num_workers", "1", "--resolution", "96"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
-    # Images larger than the checkpoint's working size train it as the pipeline runs it: the working size stays.
+    # Images larger than the checkpoint's working size train it at that size: its working size stays.
     assert after.appearance_encoder.config.sample_size == before.appearance_encoder.config.sample_size == 64
     # Fine-tuned onto the person prior (its loader workers spawned, as MediaPipe needs): the pipeline will use it.
     assert not before.flow_estimator.config.person_prior and after.flow_estimator.config.person_prior
