@@ -3,7 +3,8 @@
 Items: every `talking` clip of the val split (own track = its speech, no partner, portrait = its first frame,
 ground truth = the clip itself, cut with the first frame's crop) and every `dual-audio` pair, each side in
 turn as the agent's own voice with the other as the partner's (portraits from the manifest in turn; no
-ground truth). Each item is rendered by the methods
+ground truth; with --every-portrait, a side for every portrait, the sides in turn). Each item is rendered by
+the methods
   generated  — the pipeline (its defaults unless --steps / --guidance-scale),
   static     — the portrait unchanged,
   random     — the motion of a random training clip (`talking`, split train),
@@ -295,7 +296,9 @@ def _uint8(frames) -> np.ndarray:
 
 def conversation_items(entries, processor, args) -> list[dict]:
     """Every `dual-audio` pair, each side in turn as the own voice with the other as the partner's, capped at
-    --max-seconds; portraits of the manifest in turn (a pair is left out when the manifest has none)."""
+    --max-seconds; portraits of the manifest in turn (a pair is left out when the manifest has none). With
+    --every-portrait, as many items as portraits when they outnumber the sides (the sides in turn), so that every
+    portrait listens: whether a closed mouth holds depends on the face as much as on the motion."""
     portraits = [e for e in entries if e.kind == "portrait"]
     conversations: dict[str, list] = {}
     for entry in entries:
@@ -303,11 +306,13 @@ def conversation_items(entries, processor, args) -> list[dict]:
             conversations.setdefault(entry.identity, []).append(entry)
     limit = round(args.max_seconds * SAMPLE_RATE)
     pairs = [sorted(p, key=lambda e: e.id) for p in conversations.values() if len(p) == 2]
+    sides = [side for a, b in pairs for side in ((a, b), (b, a))]
+    if not sides or not portraits:
+        return []
+    count = max(len(sides), len(portraits)) if args.every_portrait else len(sides)
     items = []
-    for n, (own, other) in enumerate(side for a, b in pairs for side in ((a, b), (b, a))):
-        if not portraits:
-            break
-        portrait = portraits[n % len(portraits)]
+    for n in range(count):
+        (own, other), portrait = sides[n % len(sides)], portraits[n % len(portraits)]
         try:
             crop = processor.crop_portrait(portrait.path, size=args.size)
         except INFPInputError as error:
@@ -315,8 +320,8 @@ def conversation_items(entries, processor, args) -> list[dict]:
             continue
         own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
         length = max(len(own_audio), len(partner_audio))
-        items.append({"id": f"{own.id} (partner {other.id})", "kind": "dual", "portrait": crop,
-                      "audio": np.pad(own_audio, (0, length - len(own_audio))),
+        items.append({"id": f"{own.id} (partner {other.id}, portrait {portrait.id})", "kind": "dual",
+                      "portrait": crop, "audio": np.pad(own_audio, (0, length - len(own_audio))),
                       "partner": np.pad(partner_audio, (0, length - len(partner_audio)))})  # fmt: skip
     return items
 
@@ -644,6 +649,9 @@ def add_generation_arguments(sub) -> None:
     sub.add_argument("--keep-portrait-mouth", dest="close_mouth", action="store_false",
                      help="animate parted lips as they are (the pipeline's close_mouth=False)")  # fmt: skip
     add_silent_mouth_argument(sub)
+    sub.add_argument("--every-portrait", action="store_true",
+                     help="a conversation side for every portrait of the manifest (the sides in turn), not only one "
+                     "portrait per side: the listening mouth judged on every face")  # fmt: skip
     sub.add_argument("--sync-search", type=int, default=5,
                      help="frames either way searched by the lag-searched mouth correlation")  # fmt: skip
     sub.add_argument("--size", type=int, default=256)

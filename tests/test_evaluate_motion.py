@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from pipeline_infp import INFPPipeline, build_pipeline
-from pipeline_infp.evaluate import main
-from pipeline_infp.evaluate_motion import boundary_ratio, expression_measures, mouth_correlations, retrieve
+from pipeline_infp.evaluate import main, read_manifest
+from pipeline_infp.evaluate_motion import (
+    boundary_ratio,
+    conversation_items,
+    expression_measures,
+    mouth_correlations,
+    retrieve,
+)
 from pipeline_infp.evaluate_screen import driven_mouth
 from pipeline_infp.processing import FaceProcessor, mouth_aperture
 
@@ -84,6 +90,37 @@ def test_retrieval_takes_the_second_with_the_nearest_audio():
     ]
     out = retrieve(bank, np.concatenate([loud, quiet]), 50, 25.0)
     assert torch.all(out[:25] == 1) and torch.all(out[25:] == 0)
+
+
+def test_every_portrait_gives_each_portrait_a_side_with_the_sides_in_turn(shared_data, tmp_path):
+    portraits = ["liveportrait-source-s1", "liveportrait-driving-d12", "dreamtalk-cropped-f30"]
+    with open(shared_data / "manifest.csv", newline="") as handle:
+        rows = {row["id"]: row for row in csv.DictReader(handle)}
+    with open(tmp_path / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[PORTRAIT]))
+        writer.writeheader()
+        for key in (*portraits, *PAIR):
+            writer.writerow({**rows[key], "path": str(shared_data / rows[key]["path"])})
+    entries = read_manifest(tmp_path / "manifest.csv")
+    args = SimpleNamespace(max_seconds=1.0, size=128, every_portrait=False)
+    with FaceProcessor() as processor:
+        default = conversation_items(entries, processor, args)
+        every = conversation_items(entries, processor, SimpleNamespace(**{**vars(args), "every_portrait": True}))
+    man, woman = PAIR
+    # By default one item per side, portraits in turn: the third portrait never listens.
+    assert [item["id"] for item in default] == [
+        f"{man} (partner {woman}, portrait {portraits[0]})",
+        f"{woman} (partner {man}, portrait {portraits[1]})",
+    ]
+    # Every portrait gets a side; the sides repeat in turn, so each item is still a whole conversation side.
+    assert [item["id"] for item in every] == [item["id"] for item in default] + [
+        f"{man} (partner {woman}, portrait {portraits[2]})"
+    ]
+    np.testing.assert_array_equal(every[2]["audio"], every[0]["audio"])
+    np.testing.assert_array_equal(every[2]["partner"], every[0]["partner"])
+    assert len(every[0]["audio"]) == 16000  # capped at --max-seconds
+    assert every[2]["portrait"].image.shape == (128, 128, 3)
+    assert not np.array_equal(every[2]["portrait"].image, every[0]["portrait"].image)
 
 
 @pytest.fixture(scope="module")
