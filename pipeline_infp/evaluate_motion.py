@@ -309,6 +309,12 @@ def conversation_items(entries, processor, args) -> list[dict]:
     sides = [side for a, b in pairs for side in ((a, b), (b, a))]
     if not sides or not portraits:
         return []
+    tracks = {}  # each side's (own, partner) audio, loaded once however many portraits it is given
+    for own, other in sides:
+        own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
+        length = max(len(own_audio), len(partner_audio))
+        tracks[own.id] = (np.pad(own_audio, (0, length - len(own_audio))),
+                          np.pad(partner_audio, (0, length - len(partner_audio))))  # fmt: skip
     count = max(len(sides), len(portraits)) if args.every_portrait else len(sides)
     items = []
     for n in range(count):
@@ -318,11 +324,9 @@ def conversation_items(entries, processor, args) -> list[dict]:
         except INFPInputError as error:
             logger.warning("Skipping portrait %s: %s", portrait.id, error)
             continue
-        own_audio, partner_audio = load_audio(own.path)[:limit], load_audio(other.path)[:limit]
-        length = max(len(own_audio), len(partner_audio))
+        own_audio, partner_audio = tracks[own.id]
         items.append({"id": f"{own.id} (partner {other.id}, portrait {portrait.id})", "kind": "dual",
-                      "portrait": crop, "audio": np.pad(own_audio, (0, length - len(own_audio))),
-                      "partner": np.pad(partner_audio, (0, length - len(partner_audio)))})  # fmt: skip
+                      "portrait": crop, "audio": own_audio, "partner": partner_audio})  # fmt: skip
     return items
 
 
