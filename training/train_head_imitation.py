@@ -14,9 +14,12 @@ The data is small (tens of identities), so the script leans on what generalises 
   learns geometry rather than identities;
 - portraits become extra identities through synthetic pairs: the portrait and a copy moved by a
   random head motion and a mesh-guided expression change, whose flow is known exactly;
-- colour, scale and shift augmentation (no mirroring: it would swap the mesh's left and right points).
+- colour, scale and shift augmentation (no mirroring: it would swap the mesh's left and right points);
+- when fine-tuning, optionally a teacher (`--teacher_pair_prob`): on cross-identity pairs, which have no real
+  target, the lips are kept as the initial renderer draws them, so a fine-tune that gains pixels in
+  self-reenactment keeps how it draws other people's mouths moving and at rest.
 Losses: L1, SSIM, the flow loss, and a multi-scale patch discriminator (hinge) with feature matching,
-over the pixels the driving frame covers.
+over the pixels the driving frame covers; the teacher's L1 over the lips of cross-identity pairs.
 
 Run on this machine (one process, minutes):
     python training/train_head_imitation.py --data_dir prepared --output_dir runs/head --config cpu
@@ -61,9 +64,10 @@ from pipeline_infp.processing import (  # noqa: E402
     mesh_flow,
     mesh_warp,
     prior_flow,
+    retarget_landmarks,
     warp_lock,
 )
-from pipeline_infp.processing.face import crop_to_crop, mouth_aperture  # noqa: E402
+from pipeline_infp.processing.face import _region_indices, crop_to_crop, mouth_aperture  # noqa: E402
 from pipeline_infp.processing.mesh_warp import HEAD_MOTIONS  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
 
@@ -169,6 +173,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--closing_pair_prob", type=float, default=0.0,
         help="share of clip pairs whose source has the mouth wide open and whose driving frame has it closed",
     )  # fmt: skip
+    parser.add_argument(
+        "--teacher_pair_prob", type=float, default=0.0,
+        help="share of cross-identity pairs: a portrait or training frame driven by another clip's motion (a quarter "
+        "of them held still, as a portrait at rest), with no real target; there the output's lips are kept as "
+        "--teacher draws them (L1 over the lips grown by a twentieth of the face, times --teacher_weight)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--teacher", help="pipeline folder of the renderer to keep on cross-identity pairs (default: --init_from); "
+        "it renders with the trained renderer's prior flow and warp lock, so give it the same person prior"
+    )  # fmt: skip
+    parser.add_argument("--teacher_weight", type=float, default=1.0)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -179,6 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.config]().items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.teacher_pair_prob > 0 and not (args.teacher or args.init_from):
+        parser.error("--teacher_pair_prob needs a renderer to keep: give --teacher or --init_from.")
     return args
 
 
@@ -204,6 +221,7 @@ class HeadImitationDataset(Dataset):
         length: int,
         closing_pair_prob: float = 0.0,
         with_optical_flow: bool = False,
+        teacher_pair_prob: float = 0.0,
     ):
         self.clips = [c for c in data.clips(kinds=kinds, splits=[split]) if c.num_frames >= 2]
         if not self.clips:
@@ -214,6 +232,7 @@ class HeadImitationDataset(Dataset):
         self.portrait_pair_prob = portrait_pair_prob if self.portraits else 0.0
         self.closing = closing_frames(self.clips) if closing_pair_prob > 0 else []
         self.closing_pair_prob = closing_pair_prob if self.closing else 0.0
+        self.teacher_pair_prob = teacher_pair_prob
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
         self.with_optical_flow = with_optical_flow
         cv2.setNumThreads(1)  # workers share the cores with the training process (spawned ones: one_opencv_thread)
@@ -250,6 +269,15 @@ class HeadImitationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, self.resumed_at, index))
+        if self.teacher_pair_prob > 0:  # drawn only when asked for, so other runs keep their random pairs
+            teacher = rng.random() < self.teacher_pair_prob
+            sample = self.cross_identity_pair(rng) if teacher else self.reenactment_pair(rng)
+            lips = sample.pop("lips") if teacher else np.zeros(sample["source"].shape[-2:], np.float32)
+            sample["teacher_mask"] = torch.from_numpy(lips)[None]
+            return sample
+        return self.reenactment_pair(rng)
+
+    def reenactment_pair(self, rng) -> dict:
         if rng.random() < self.portrait_pair_prob:
             portrait = self.portraits[rng.integers(len(self.portraits))]
             source, lm_source = portrait.image(), portrait.landmarks
@@ -265,7 +293,31 @@ class HeadImitationDataset(Dataset):
             )
         return self.make_sample(source, driving, lm_source, lm_driving, valid, rng)
 
-    def make_sample(self, source, driving, lm_source, lm_driving, valid, rng) -> dict:
+    def cross_identity_pair(self, rng) -> dict:
+        """A face moved by another pair's motion, as the pipeline moves a portrait: half the time one of the portraits
+        (when portrait pairs are on), otherwise a training frame (half of those with the mouth wide open, when the
+        clips have such frames); the driver's eyes and lips in the hybrid, its mesh offsets applied to the face's
+        mesh; a quarter of the time held still (its own hybrid, no offsets), as a portrait is drawn at rest. No
+        target (nothing valid), but the moved mesh's lips (`lips`) for the teacher."""
+        if self.portraits and rng.random() < 0.5:
+            portrait = self.portraits[rng.integers(len(self.portraits))]
+            source, lm_source = portrait.image(), np.array(portrait.landmarks)
+        else:
+            opened = self.closing and rng.random() < 0.5
+            clip, i, _ = self.random_closing_pair(rng) if opened else self.random_clip_pair(rng)
+            source, lm_source = clip.frame(i), np.array(clip.landmarks[i])
+        if rng.random() < 0.25:
+            driving, lm_driving, hybrid_landmarks = source, lm_source, lm_source
+        else:
+            driver, a, b = self.random_clip_pair(rng)
+            driving, hybrid_landmarks, _ = reframe(
+                driver.frame(b), np.array(driver.landmarks[b]), driver.matrices[b], driver.matrices[a]
+            )
+            lm_driving = retarget_landmarks(lm_source, hybrid_landmarks, np.array(driver.landmarks[a]))
+        nothing_valid = np.zeros(source.shape[:2], np.uint8)
+        return self.make_sample(source, driving, lm_source, lm_driving, nothing_valid, rng, hybrid_landmarks)
+
+    def make_sample(self, source, driving, lm_source, lm_driving, valid, rng, hybrid_landmarks=None) -> dict:
         matrix = random_framing(self.size, rng)  # the same framing change for both frames
         framed, driving = (
             cv2.warpAffine(x, matrix, (self.size,) * 2, borderMode=cv2.BORDER_REPLICATE) for x in (source, driving)
@@ -274,10 +326,14 @@ class HeadImitationDataset(Dataset):
         lm_source, lm_driving = apply_matrix(lm_source, matrix), apply_matrix(lm_driving, matrix)
         framed, driving = colour_jitter([framed, driving], rng)
         person = self.person_mask(source, matrix, framed) if self.person_prior else None
-        return pair_tensors(
+        sample = pair_tensors(
             framed, driving, lm_source, lm_driving, valid, self.resolution, self.landmark_basis,
             self.with_optical_flow, person, self.warp_lock_margin, self.head_motion,
+            None if hybrid_landmarks is None else apply_matrix(hybrid_landmarks, matrix),
         )  # fmt: skip
+        if hybrid_landmarks is not None:
+            sample["lips"] = lips_mask(lm_driving, self.size, self.resolution)
+        return sample
 
     def person_mask(self, source: np.ndarray, framing: np.ndarray, augmented: np.ndarray) -> np.ndarray:
         """The person mask of the augmented source frame (`source` moved by the affine `framing`, colours
@@ -315,6 +371,17 @@ def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -
     return found
 
 
+def lips_mask(landmarks: np.ndarray, size: int, resolution: int, grow: float = 0.05) -> np.ndarray:
+    """float32 [resolution, resolution]: 1 on the lips of a mesh on a `size` crop (the hull of MediaPipe's lip points)
+    grown by `grow` × the face size, 0 elsewhere."""
+    points = (np.asarray(landmarks, dtype=np.float32)[:, :2] + 0.5) * (resolution / size) - 0.5
+    hull = cv2.convexHull(np.round(points[_region_indices()[1]]).astype(np.int32))
+    mask = np.zeros((resolution, resolution), np.float32)
+    cv2.fillConvexPoly(mask, hull, 1.0)
+    cv2.polylines(mask, [hull], True, 1.0, thickness=max(1, round(2 * grow * np.ptp(points[:, :2], axis=0).max())))
+    return mask
+
+
 def reframe(driving, lm_driving, driving_matrix, source_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A driving crop moved into the source frame's crop: (image, landmarks, valid mask uint8 0/255). Pixels the
     driving crop does not cover are black and invalid (eroded by 2 px against interpolated borders)."""
@@ -338,6 +405,7 @@ def pair_tensors(
     person_mask=None,
     warp_lock_margin=None,
     head_motion="affine",
+    hybrid_landmarks=None,
 ) -> dict:
     """The renderer's inputs, target and supervision for one pair: both frames and the valid mask at `resolution`,
     both hybrid representations at the crop size (the motion encoder resizes them, as in the pipeline), the
@@ -345,7 +413,9 @@ def pair_tensors(
     (offsets projected on `landmark_basis` [k, N·3] when given), the exact mesh flow with its mask, and when asked the
     optical flow of the two frames with its mask (`optical_flow`; 5 ms a pair at 128²). The prior is carried over
     the source's `person_mask` when given (`prior_flow`, with `head_motion`); with `warp_lock_margin`, the face
-    decoder's `warp_lock` of the same mesh."""
+    decoder's `warp_lock` of the same mesh. With `hybrid_landmarks` the driving image is another person's
+    (cross-identity): its eyes and lips, at those landmarks, make the driving hybrid; `lm_driving` is the source's
+    mesh moved by that person's motion."""
     size = source.shape[0]
     offsets = landmark_offsets(lm_driving, lm_source)
     encodable = lm_driving
@@ -362,7 +432,9 @@ def pair_tensors(
         "driving": to_tensor(small_driving),
         "valid": torch.from_numpy(small_valid)[None],
         "source_hybrid": to_tensor(hybrid_representation(source, lm_source)),
-        "driving_hybrid": to_tensor(hybrid_representation(driving, lm_driving)),
+        "driving_hybrid": to_tensor(
+            hybrid_representation(driving, lm_driving if hybrid_landmarks is None else hybrid_landmarks)
+        ),
         "driving_offsets": torch.from_numpy(offsets),
         "prior_flow": torch.from_numpy(prior),
         "mesh_flow": torch.from_numpy(flow),
@@ -526,6 +598,29 @@ def masked_l1(prediction, target, mask):
     return ((prediction - target).abs() * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1.0)
 
 
+def has_real_frame(batch: dict) -> torch.Tensor:
+    """[B] 1 for the pairs whose driving frame is real, 0 for cross-identity pairs: the target the discriminator
+    sees there is the output itself, so they are left out of the adversarial losses."""
+    return (batch["valid"].flatten(1).amax(dim=1) > 0).float()
+
+
+def mean_over(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` [B, ...] over the pairs weighted 1 in `weights` [B] (with all of them: the plain mean)."""
+    per_pair = values.flatten(1).float().mean(dim=1)
+    return (per_pair * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def teacher_loss(teacher: Renderer, batch: dict, output: torch.Tensor) -> torch.Tensor:
+    """L1 between the output and the teacher's rendering of the same inputs over the batch's `teacher_mask` (the
+    lips of its cross-identity pairs); zero when the batch has none."""
+    chosen = batch["teacher_mask"].flatten(1).amax(dim=1) > 0
+    if not chosen.any():
+        return output.sum() * 0.0  # in the graph all the same, so every process's backward looks alike
+    with torch.no_grad():
+        kept = render_batch(teacher, {k: v[chosen] for k, v in batch.items()})[0].sample
+    return masked_l1(output[chosen], kept.to(output.dtype), batch["teacher_mask"][chosen])
+
+
 def flow_to_rgb(flow: torch.Tensor) -> np.ndarray:
     """[2, h, w] flow → uint8 colour image (hue: direction, brightness: magnitude) for the validation grid."""
     dx, dy = flow[0].float().cpu().numpy(), flow[1].float().cpu().numpy()
@@ -677,8 +772,14 @@ def main(argv=None):
         data, args.kinds, "train", args.resolution, args.portrait_pair_prob, args.seed,
         length=args.max_train_steps * args.train_batch_size * accelerator.num_processes,
         closing_pair_prob=args.closing_pair_prob, with_optical_flow=args.optical_flow_weight > 0,
+        teacher_pair_prob=args.teacher_pair_prob,
     )  # fmt: skip
     renderer = Renderer(build_renderer(args))
+    teacher = None
+    if args.teacher_pair_prob > 0:
+        folder = args.teacher or args.init_from
+        teacher = Renderer({name: component_class(name).from_pretrained(folder, subfolder=name) for name in RENDERER})
+        teacher.requires_grad_(False).eval().to(accelerator.device)
     person_prior = args.person_prior or renderer.flow_estimator.config.person_prior
     head_motion = args.head_motion or renderer.flow_estimator.config.head_motion
     renderer.flow_estimator.register_to_config(person_prior=person_prior, head_motion=head_motion)
@@ -744,12 +845,19 @@ def main(argv=None):
                 optical_loss = masked_l1(flow.flow.float(), batch["optical_flow"], outside_mesh)
                 loss = loss + args.optical_flow_weight * optical_loss
                 logs["optical_flow"] = optical_loss.item()
+            if teacher is not None:
+                kept = teacher_loss(teacher, batch, output)
+                loss = loss + args.teacher_weight * kept
+                logs["teacher"] = kept.item()
             if use_gan:
                 # One discriminator pass over fake and real halves (DDP wants one forward per backward).
                 scales = discriminator(torch.cat([output, target]))
                 half = output.shape[0]
-                adversarial = sum(-scale[-1][:half].mean() for scale in scales)
-                matching = sum(F.l1_loss(f[:half], f[half:].detach()) for scale in scales for f in scale[:-1])
+                real = has_real_frame(batch)
+                adversarial = sum(mean_over(real, -scale[-1][:half]) for scale in scales)
+                matching = sum(
+                    mean_over(real, (f[:half] - f[half:].detach()).abs()) for scale in scales for f in scale[:-1]
+                )
                 loss = loss + args.gan_weight * adversarial + args.feature_matching_weight * matching
                 logs.update(g_adv=adversarial.item(), feature_matching=matching.item())
         optimizer.zero_grad(set_to_none=True)
@@ -761,7 +869,11 @@ def main(argv=None):
             with accelerator.autocast():
                 scales = discriminator(torch.cat([target, output.detach()]))
                 half = output.shape[0]
-                loss_d = sum(F.relu(1 - s[-1][:half]).mean() + F.relu(1 + s[-1][half:]).mean() for s in scales)
+                real = has_real_frame(batch)
+                loss_d = sum(
+                    mean_over(real, F.relu(1 - logits[:half])) + mean_over(real, F.relu(1 + logits[half:]))
+                    for logits in (scale[-1] for scale in scales)
+                )
             optimizer_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_d)
             optimizer_d.step()

@@ -1,5 +1,6 @@
 """The stage-1 training script: data pairs, a few steps in one and in two processes, resuming, export."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -19,12 +20,18 @@ from training.prepared import PreparedDataset
 from training.train_head_imitation import (
     RENDERER,
     HeadImitationDataset,
+    Renderer,
     closing_frames,
+    has_real_frame,
+    lips_mask,
     main,
     make_loader,
+    mean_over,
     optical_flow,
     reframe,
+    render_batch,
     synthetic_driving,
+    teacher_loss,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,6 +122,94 @@ def test_closing_pairs_go_from_a_wide_open_mouth_to_closed_lips(data_dir):
     assert plain.closing == [] and max(gaps) > -0.15  # ordinary pairs: not all closing
 
 
+def test_cross_identity_pairs_have_no_target_but_the_lips_for_the_teacher(data_dir):
+    data = PreparedDataset(data_dir)
+    plain = HeadImitationDataset(data, ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=10)
+    cross = HeadImitationDataset(
+        data, ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=40, teacher_pair_prob=1.0
+    )
+    assert "teacher_mask" not in plain[0]  # runs without a teacher keep their pairs as they were
+    still = moved = 0
+    for index in range(40):
+        sample = cross[index]
+        lips = sample["teacher_mask"][0]
+        assert sample["valid"].max() == 0  # no real target: the reconstruction losses ignore the pair
+        assert 0.002 < lips.mean() < 0.2 and set(lips.unique().tolist()) <= {0.0, 1.0}
+        if torch.equal(sample["driving_hybrid"], sample["source_hybrid"]):  # held still, as a portrait at rest
+            still += 1
+            assert sample["driving_offsets"].abs().max() == 0
+        else:  # another frame's eyes and lips drive it
+            moved += 1
+    assert 3 < still < 20 and moved > 20
+    mixed = HeadImitationDataset(
+        data, ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=10, teacher_pair_prob=0.5
+    )
+    masks = [mixed[i]["teacher_mask"].max().item() for i in range(10)]
+    assert 0 < sum(masks) < 10  # ordinary pairs carry an empty mask, so batches stack
+
+    # With portrait pairs on, half the cross-identity pairs move a portrait, as the pipeline does.
+    with_portraits = HeadImitationDataset(
+        data, ["talking"], "train", resolution=64, portrait_pair_prob=0.2, seed=0, length=40, teacher_pair_prob=1.0
+    )
+    [portrait] = with_portraits.portraits
+    drawn = []
+
+    class CountedPortrait:
+        landmarks = portrait.landmarks
+
+        def image(self):
+            drawn.append(1)
+            return portrait.image()
+
+    with_portraits.portraits = [CountedPortrait()]
+    assert all(with_portraits[i]["valid"].max() == 0 for i in range(20)) and 4 < len(drawn) < 16
+
+
+def test_lips_mask_covers_the_lips_and_little_else(data_dir):
+    clip = PreparedDataset(data_dir).clips(kinds=["talking"])[0]
+    landmarks = np.array(clip.landmarks[0])
+    mask = lips_mask(landmarks, clip.frame(0).shape[0], 64)
+    for point in (13, 14, 61, 291, 0, 17):  # inner lip centres, mouth corners, outer lip centres
+        x, y = np.round(landmarks[point, :2] * 64 / clip.frame(0).shape[0]).astype(int)
+        assert mask[y, x] == 1
+    eye_x, eye_y = np.round(landmarks[33, :2] * 64 / clip.frame(0).shape[0]).astype(int)
+    assert mask[eye_y, eye_x] == 0 and mask.mean() < 0.1
+
+
+def test_teacher_loss_is_zero_for_the_teacher_itself_and_without_cross_identity_pairs(data_dir, tmp_path):
+    main(tiny_args(data_dir, tmp_path / "first", "--max_train_steps", "2"))
+    pipe = INFPPipeline.from_pretrained(tmp_path / "first" / "pipeline")
+    renderer = Renderer({name: getattr(pipe, name) for name in RENDERER})
+    cross = HeadImitationDataset(
+        PreparedDataset(data_dir), ["talking"], "train", resolution=64, portrait_pair_prob=0.0, seed=0, length=4,
+        teacher_pair_prob=0.5,
+    )  # fmt: skip
+    cross.landmark_basis = pipe.motion_encoder.landmark_basis.numpy()
+    batch = {k: torch.stack([cross[i][k] for i in range(4)]) for k in cross[0]}
+    assert 0 < (batch["teacher_mask"].flatten(1).amax(1) > 0).sum() < 4
+    output = render_batch(renderer, batch)[0].sample
+    assert teacher_loss(renderer, batch, output).item() == pytest.approx(0.0, abs=1e-6)
+    other = copy.deepcopy(renderer)
+    with torch.no_grad():
+        for parameter in other.face_decoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    assert teacher_loss(other, batch, output).item() > 1e-3
+    batch["teacher_mask"] = torch.zeros_like(batch["teacher_mask"])
+    none = teacher_loss(other, batch, output)
+    assert none.item() == 0 and none.requires_grad  # in the graph, as every process's backward must be
+
+
+def test_adversarial_losses_leave_out_pairs_without_a_real_frame():
+    valid = torch.ones(3, 1, 4, 4)
+    valid[1] = 0  # a cross-identity pair: its "real" frame would be the output itself
+    real = has_real_frame({"valid": valid})
+    assert real.tolist() == [1.0, 0.0, 1.0]
+    values = torch.arange(3 * 2 * 2, dtype=torch.float32).reshape(3, 1, 2, 2)
+    assert mean_over(real, values).item() == pytest.approx((values[0].mean() + values[2].mean()).item() / 2)
+    assert mean_over(torch.ones(3), values).item() == pytest.approx(values.mean().item())  # as before, without them
+    assert mean_over(torch.zeros(3), values).item() == 0
+
+
 def test_reframe_moves_a_driving_crop_into_the_source_crop(data_dir):
     clip = PreparedDataset(data_dir).clips(kinds=["talking"])[0]
     frame, landmarks = clip.frame(5), np.array(clip.landmarks[5])
@@ -195,7 +290,8 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
     main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
                    "--learning_rate", "1e-2", "--max_train_steps", "2", "--optical_flow_weight", "1",
                    "--person_prior", "--head_motion", "rigid", "--warp_lock_margin", "0.1",
-                   "--dataloader_num_workers", "1", "--resolution", "96"))  # fmt: skip
+                   "--teacher_pair_prob", "0.5", "--gan_start_step", "0", "--dataloader_num_workers", "1",
+                   "--resolution", "96"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
     # Images larger than the checkpoint's working size train it at that size: its working size stays.
     assert after.appearance_encoder.config.sample_size == before.appearance_encoder.config.sample_size == 64
