@@ -61,13 +61,14 @@ from pipeline_infp.processing import (  # noqa: E402
     apply_matrix,
     hybrid_representation,
     landmark_offsets,
+    lips_mask,
     mesh_flow,
     mesh_warp,
     prior_flow,
     retarget_landmarks,
     warp_lock,
 )
-from pipeline_infp.processing.face import _region_indices, crop_to_crop, mouth_aperture  # noqa: E402
+from pipeline_infp.processing.face import crop_to_crop, mouth_aperture  # noqa: E402
 from pipeline_infp.processing.mesh_warp import HEAD_MOTIONS  # noqa: E402
 from prepared import PreparedDataset  # noqa: E402
 
@@ -369,17 +370,6 @@ def closing_frames(clips, open_above: float = 0.2, closed_below: float = 0.03) -
         if len(opened) and len(closed):
             found.append((clip, opened, closed))
     return found
-
-
-def lips_mask(landmarks: np.ndarray, size: int, resolution: int, grow: float = 0.05) -> np.ndarray:
-    """float32 [resolution, resolution]: 1 on the lips of a mesh on a `size` crop (the hull of MediaPipe's lip points)
-    grown by `grow` × the face size, 0 elsewhere."""
-    points = (np.asarray(landmarks, dtype=np.float32)[:, :2] + 0.5) * (resolution / size) - 0.5
-    hull = cv2.convexHull(np.round(points[_region_indices()[1]]).astype(np.int32))
-    mask = np.zeros((resolution, resolution), np.float32)
-    cv2.fillConvexPoly(mask, hull, 1.0)
-    cv2.polylines(mask, [hull], True, 1.0, thickness=max(1, round(2 * grow * np.ptp(points[:, :2], axis=0).max())))
-    return mask
 
 
 def reframe(driving, lm_driving, driving_matrix, source_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -830,6 +820,7 @@ def main(argv=None):
             1.0, global_step / max(1, args.max_train_steps)
         )
         use_gan = args.gan_weight > 0 and global_step >= args.gan_start_step
+        real = has_real_frame(batch) if use_gan else None  # the pairs the adversarial losses count
 
         with accelerator.autocast():
             decoded, flow = render_batch(renderer, batch)
@@ -853,7 +844,6 @@ def main(argv=None):
                 # One discriminator pass over fake and real halves (DDP wants one forward per backward).
                 scales = discriminator(torch.cat([output, target]))
                 half = output.shape[0]
-                real = has_real_frame(batch)
                 adversarial = sum(mean_over(real, -scale[-1][:half]) for scale in scales)
                 matching = sum(
                     mean_over(real, (f[:half] - f[half:].detach()).abs()) for scale in scales for f in scale[:-1]
@@ -869,7 +859,6 @@ def main(argv=None):
             with accelerator.autocast():
                 scales = discriminator(torch.cat([target, output.detach()]))
                 half = output.shape[0]
-                real = has_real_frame(batch)
                 loss_d = sum(
                     mean_over(real, F.relu(1 - logits[:half])) + mean_over(real, F.relu(1 + logits[half:]))
                     for logits in (scale[-1] for scale in scales)

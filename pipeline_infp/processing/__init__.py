@@ -37,6 +37,7 @@ from .face import (
 from .mesh_warp import (
     apply_landmark_offsets,
     landmark_offsets,
+    lips_mask,
     mesh_flow,
     mesh_triangles,
     mesh_warp,
@@ -71,6 +72,7 @@ __all__ = [
     "hybrid_representation",
     "is_silent",
     "landmark_offsets",
+    "lips_mask",
     "load_audio",
     "load_image",
     "mesh_flow",

@@ -22,11 +22,12 @@ import cv2
 import numpy as np
 
 from ..motion_features import align
-from .face import _EYE_OUTER_CORNERS, _face_size
+from .face import _EYE_OUTER_CORNERS, _face_size, _region_indices
 
 __all__ = [
     "apply_landmark_offsets",
     "landmark_offsets",
+    "lips_mask",
     "mesh_flow",
     "mesh_triangles",
     "mesh_warp",
@@ -477,13 +478,33 @@ def warp_lock(
     The warp follows the mesh there, while synthesised pixels on the face and along the jaw shift the expression
     that a face tracker reads (`FaceDecoder`'s `warp_lock_margin`)."""
     out_size = out_size or size
-    points = (np.asarray(driving_landmarks, dtype=np.float32)[:, :2] + 0.5) * (out_size / size) - 0.5
-    oval = cv2.convexHull(np.round(points[_face_outline()]).astype(np.int32))
-    lock = np.zeros((out_size, out_size), np.float32)
-    cv2.fillConvexPoly(lock, oval, 1.0)
-    cv2.polylines(lock, [oval], True, 1.0, thickness=max(1, round(2 * margin * _face_size(points))))
+    points = _scaled_points(driving_landmarks, size, out_size)
+    lock = _grown_hull(points, _face_outline(), out_size, margin)
     cv2.fillPoly(lock, [np.round(points[_mouth_ring()]).astype(np.int32)], 0.0)
     return cv2.GaussianBlur(lock, (0, 0), 2 * out_size / 256)
+
+
+def lips_mask(landmarks: np.ndarray, size: int, out_size: int | None = None, grow: float = 0.05) -> np.ndarray:
+    """float32 [h, w] (h = `out_size` or `size`): 1 on the lips of a mesh on a `size` crop (the hull of MediaPipe's
+    lip points) grown by `grow` × the face size, 0 elsewhere."""
+    out_size = out_size or size
+    return _grown_hull(_scaled_points(landmarks, size, out_size), _region_indices()[1], out_size, grow)
+
+
+def _scaled_points(landmarks: np.ndarray, size: int, out_size: int) -> np.ndarray:
+    """A mesh's image points [N, 2] on a `size` crop moved onto an `out_size` one (pixel centres kept)."""
+    return (np.asarray(landmarks, dtype=np.float32)[:, :2] + 0.5) * (out_size / size) - 0.5
+
+
+def _grown_hull(points: np.ndarray, indices, out_size: int, grow: float) -> np.ndarray:
+    """float32 [out_size, out_size]: 1 inside the convex hull of `points[indices]` and within `grow` × the face size
+    (of all `points`) of its border, 0 elsewhere. Filling the hull and stroking its border with a thick pen is much
+    cheaper than dilating it."""
+    hull = cv2.convexHull(np.round(points[indices]).astype(np.int32))
+    mask = np.zeros((out_size, out_size), np.float32)
+    cv2.fillConvexPoly(mask, hull, 1.0)
+    cv2.polylines(mask, [hull], True, 1.0, thickness=max(1, round(2 * grow * _face_size(points))))
+    return mask
 
 
 def _inter_ocular(landmarks: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from pipeline_infp.processing import (
     FaceProcessor,
     apply_landmark_offsets,
     landmark_offsets,
+    lips_mask,
     mesh_flow,
     mesh_triangles,
     mesh_warp,
@@ -233,6 +234,16 @@ def test_warp_lock_covers_the_face_and_a_band_round_it_but_not_the_mouth_opening
     half = warp_lock(opened, SIZE, out_size=SIZE // 2, margin=0.1)
     resized = cv2.resize(lock, (SIZE // 2,) * 2, interpolation=cv2.INTER_AREA)
     assert half.shape == (SIZE // 2,) * 2 and np.abs(half - resized).mean() < 0.02
+
+
+def test_lips_mask_covers_the_lips_and_little_else(landmarks):
+    mask = lips_mask(landmarks, SIZE, 64)
+    assert mask.shape == (64, 64) and mask.dtype == np.float32
+    for point in (13, 14, 61, 291, 0, 17):  # inner lip centres, mouth corners, outer lip centres
+        x, y = np.round(landmarks[point, :2] * 64 / SIZE).astype(int)
+        assert mask[y, x] == 1
+    eye_x, eye_y = np.round(landmarks[33, :2] * 64 / SIZE).astype(int)
+    assert mask[eye_y, eye_x] == 0 and mask.mean() < 0.1
 
 
 def test_mesh_warp_matches_the_flow_and_keeps_the_rest(crop, landmarks):

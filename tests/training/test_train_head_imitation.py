@@ -23,7 +23,6 @@ from training.train_head_imitation import (
     Renderer,
     closing_frames,
     has_real_frame,
-    lips_mask,
     main,
     make_loader,
     mean_over,
@@ -163,17 +162,6 @@ def test_cross_identity_pairs_have_no_target_but_the_lips_for_the_teacher(data_d
 
     with_portraits.portraits = [CountedPortrait()]
     assert all(with_portraits[i]["valid"].max() == 0 for i in range(20)) and 4 < len(drawn) < 16
-
-
-def test_lips_mask_covers_the_lips_and_little_else(data_dir):
-    clip = PreparedDataset(data_dir).clips(kinds=["talking"])[0]
-    landmarks = np.array(clip.landmarks[0])
-    mask = lips_mask(landmarks, clip.frame(0).shape[0], 64)
-    for point in (13, 14, 61, 291, 0, 17):  # inner lip centres, mouth corners, outer lip centres
-        x, y = np.round(landmarks[point, :2] * 64 / clip.frame(0).shape[0]).astype(int)
-        assert mask[y, x] == 1
-    eye_x, eye_y = np.round(landmarks[33, :2] * 64 / clip.frame(0).shape[0]).astype(int)
-    assert mask[eye_y, eye_x] == 0 and mask.mean() < 0.1
 
 
 def test_teacher_loss_is_zero_for_the_teacher_itself_and_without_cross_identity_pairs(data_dir, tmp_path):
