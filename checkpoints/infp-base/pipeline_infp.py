@@ -61,6 +61,11 @@ from pipeline_infp.processing import paste_back as paste_back_frames
 # under `OPEN_MOUTH_APERTURE`, since the least motion while listening opens them further (a grin drawn at 0.046 read
 # 0.056 on average over its listening frames).
 DRAWN_CLOSED_APERTURE = 0.045
+# The drawn gap is read at rest and moved by ± one spread along each of this many principal motions, and the median
+# decides: a single reading moves by ~0.01 between renderers of about the same quality and across small motions (the
+# grin: 0.051 at rest from one renderer, 0.038 from a fine-tune of it; the median 0.051 and 0.050), so one reading
+# near the threshold decided by chance whether a face listened closed.
+REST_PROBE_COMPONENTS = 4
 
 
 @dataclass
@@ -348,6 +353,28 @@ class INFPPipeline(DiffusionPipeline):
         rest[0, : len(basis)] = torch.from_numpy(mouth_closing_motion(landmarks, basis))
         return rest
 
+    def rest_probes(self, encoding: PortraitEncoding) -> torch.Tensor:
+        """Motion latents [1 + 2K, latent_dim]: the portrait at rest as animated (its own latent), then moved by +1
+        and -1 spread along each of the motion encoder's first K principal motions (`REST_PROBE_COMPONENTS`)."""
+        count = min(REST_PROBE_COMPONENTS, self.motion_encoder.config.landmark_components)
+        probes = encoding.latent.repeat(1 + 2 * count, 1)
+        components = torch.arange(count)
+        probes[1 + 2 * components, components] += 1
+        probes[2 + 2 * components, components] -= 1
+        return probes
+
+    @torch.no_grad()
+    def drawn_rest_aperture(self, encoding: PortraitEncoding) -> float | None:
+        """The inner-lip gap MediaPipe reads on the portrait drawn at rest and under the `rest_probes`, without the
+        warp lock: the median over the drawings where it finds a face; None where it finds none."""
+        gaps = []
+        for image in frames_to_uint8(self.render(encoding, self.rest_probes(encoding), warp_lock=False)):
+            try:
+                gaps.append(mouth_aperture(self.face_processor.landmarks(image)))
+            except NoFaceDetectedError:
+                continue
+        return float(np.median(gaps)) if gaps else None
+
     @torch.no_grad()
     def close_portrait_mouth(self, face: FaceCrop, max_passes: int = 3) -> FaceCrop:
         """The portrait, with its lips closed in the image itself where the renderer cannot close them from it.
@@ -356,11 +383,12 @@ class INFPPipeline(DiffusionPipeline):
         a wide-open mouth (a shout, an "O", a grin) it cannot: there MediaPipe puts the inner-lip line inside the
         mouth, so the warp carries interior into the lips (a shout's inner-lip gap 0.47 → 0.19 rendered at rest,
         bundled renderer). So when the portrait drawn at rest as it will be animated (from its own latent: no motion,
-        its own appearance values) still shows its lips apart (`DRAWN_CLOSED_APERTURE`), passes close the image:
+        its own appearance values; the median over it and small motions, `drawn_rest_aperture`) still shows its lips
+        apart (`DRAWN_CLOSED_APERTURE`), passes close the image:
         each renders it at rest, keeps that only where the closing moves the face (`moved_region`), the rest of the
         portrait as it was, and meshes it again, until its own lips meet (the shout: 0.47 → 0.01 in three passes).
-        Stops after `max_passes`, or when no face is found in a pass's image. A portrait the renderer closes by
-        itself is returned as it is: every pass blurs the image a little."""
+        Stops after `max_passes`, or when no face is found in a pass's image or in any drawing the check reads. A
+        portrait the renderer closes by itself is returned as it is: every pass blurs the image a little."""
         # The passes draw from the zero latent, whose appearance values no training sample has (the encoder's sit ~81
         # from zero and vary by ~0.15): from it the renderer draws lips meeting (passes from the portrait's own values
         # lowered the listening mouth, e.g. the bundled renderer's 95.6 → 86.3 %, seed 0). The check is drawn as
@@ -375,9 +403,9 @@ class INFPPipeline(DiffusionPipeline):
             encoding.rest = self.rest_motion(encoding.landmarks).to(encoding.latent)
             try:
                 if index == 0:
-                    as_animated = frames_to_uint8(self.render(encoding, encoding.latent, warp_lock=False))[0]
-                    if mouth_aperture(self.face_processor.landmarks(as_animated)) < DRAWN_CLOSED_APERTURE:
-                        break  # the renderer draws these lips closed by itself
+                    drawn = self.drawn_rest_aperture(encoding)
+                    if drawn is None or drawn < DRAWN_CLOSED_APERTURE:
+                        break  # the renderer draws these lips closed by itself (or no face at all)
                 # Without the lock: it keeps the warped portrait's lips, and the warp of a wide-open mouth carries the
                 # mouth's interior into them; the decoder learnt to draw lips meeting (the shout: 0.47 → 0.035
                 # locked, 0.010 not, in three passes).

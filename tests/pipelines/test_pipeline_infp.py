@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline_infp import build_pipeline
-from pipeline_infp.pipeline_infp import DRAWN_CLOSED_APERTURE
+from pipeline_infp.pipeline_infp import DRAWN_CLOSED_APERTURE, REST_PROBE_COMPONENTS
 from pipeline_infp.processing import (
     OPEN_MOUTH_APERTURE,
     SAMPLE_RATE,
@@ -306,20 +306,62 @@ def read_meshes(pipe, monkeypatch, *meshes):
     monkeypatch.setattr(pipe.face_processor, "landmarks", landmarks)
 
 
+def drawn_at_rest(pipe, mesh) -> list:
+    """MediaPipe's readings of every drawing the closing check makes (`rest_probes`), all of them `mesh`."""
+    return [mesh] * (1 + 2 * min(REST_PROBE_COMPONENTS, pipe.motion_encoder.config.landmark_components))
+
+
+def test_rest_probes_move_the_portrait_at_rest_along_its_first_principal_motions(jaw_pipe, open_face):
+    encoding = jaw_pipe.encode_portrait(open_face)
+    probes = jaw_pipe.rest_probes(encoding)
+    count = min(REST_PROBE_COMPONENTS, jaw_pipe.motion_encoder.config.landmark_components)
+    assert probes.shape == (1 + 2 * count, encoding.latent.shape[1]) and torch.equal(probes[0], encoding.latent[0])
+    moves = probes[1:] - encoding.latent
+    expected = torch.zeros_like(moves)
+    for component in range(count):
+        expected[2 * component, component], expected[2 * component + 1, component] = 1, -1
+    torch.testing.assert_close(moves, expected)  # one spread each way, appearance values untouched
+
+
+def test_drawn_rest_aperture_is_the_median_over_the_drawings_with_a_face(jaw_pipe, open_face, rest_mesh, monkeypatch):
+    pipe = jaw_pipe
+    encoding = pipe.encode_portrait(open_face)
+    readings = [open_face.landmarks, rest_mesh, open_face.landmarks]  # then no face in the other drawings
+    read_meshes(pipe, monkeypatch, *readings)
+    assert pipe.drawn_rest_aperture(encoding) == pytest.approx(mouth_aperture(open_face.landmarks))
+    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh, rest_mesh)
+    assert pipe.drawn_rest_aperture(encoding) == pytest.approx(mouth_aperture(rest_mesh))
+    read_meshes(pipe, monkeypatch)
+    assert pipe.drawn_rest_aperture(encoding) is None
+
+
+def test_close_portrait_mouth_goes_by_most_drawings_not_one(jaw_pipe, open_face, rest_mesh, monkeypatch):
+    """One reading near the threshold moves with the slightest motion or renderer change: the median decides."""
+    pipe = jaw_pipe
+    drawings = len(drawn_at_rest(pipe, rest_mesh))
+    mostly_closed = [open_face.landmarks] * (drawings // 2) + [rest_mesh] * (drawings - drawings // 2)
+    read_meshes(pipe, monkeypatch, *mostly_closed)
+    assert pipe.close_portrait_mouth(open_face) is open_face
+    mostly_open = [rest_mesh] * (drawings // 2) + [open_face.landmarks] * (drawings - drawings // 2)
+    read_meshes(pipe, monkeypatch, *mostly_open, rest_mesh)
+    closed = pipe.close_portrait_mouth(open_face, max_passes=1)
+    assert np.array_equal(closed.landmarks, rest_mesh) and not np.array_equal(closed.image, open_face.image)
+
+
 def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_else(
     jaw_pipe, open_face, rest_mesh, monkeypatch
 ):
     pipe = jaw_pipe
     assert mouth_aperture(open_face.landmarks) >= OPEN_MOUTH_APERTURE > mouth_aperture(rest_mesh)
     # The frame drawn at rest still shows the lips apart: the pass keeps it where the closing moves the face.
-    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, open_face.landmarks), rest_mesh)
     closed = pipe.close_portrait_mouth(open_face)
     untouched = moved_region(open_face.landmarks, rest_mesh, IMAGE_SIZE) == 0
     assert untouched.any() and not untouched.all()
     assert np.array_equal(closed.image[untouched], open_face.image[untouched])
     assert not np.array_equal(closed.image, open_face.image) and np.array_equal(closed.landmarks, rest_mesh)
     assert closed.matrix is open_face.matrix and closed.original is open_face.original  # pasted back as before
-    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, open_face.landmarks), rest_mesh)
     portrait = pipe.encode_portrait(open_face, close_mouth=True)  # animated from the closed image
     assert np.array_equal(portrait.landmarks, rest_mesh)
     assert np.array_equal(portrait.image, pipe.encode_portrait(closed).image)
@@ -328,7 +370,7 @@ def test_close_portrait_mouth_closes_what_the_renderer_leaves_open_and_nothing_e
 def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, open_face, rest_mesh, monkeypatch):
     """The lock would keep the warped portrait's lips, into which the warp of a wide-open mouth carries its inside."""
     pipe = jaw_pipe
-    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, open_face.landmarks), rest_mesh)
     unlocked = pipe.close_portrait_mouth(open_face)
     encoding = pipe.encode_portrait(open_face)
     encoding.rest = pipe.rest_motion(encoding.landmarks)
@@ -336,7 +378,7 @@ def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, ope
     pipe.face_decoder.register_to_config(warp_lock_margin=0.1)
     try:
         assert not torch.equal(pipe.render(encoding, zero), pipe.render(encoding, zero, warp_lock=False))
-        read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+        read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, open_face.landmarks), rest_mesh)
         assert np.array_equal(pipe.close_portrait_mouth(open_face).image, unlocked.image)
     finally:
         pipe.face_decoder.register_to_config(warp_lock_margin=None)
@@ -345,10 +387,10 @@ def test_close_portrait_mouth_draws_the_lips_without_the_warp_lock(jaw_pipe, ope
 def test_close_portrait_mouth_checks_the_lips_as_animated_and_closes_them_from_the_zero_latent(
     jaw_pipe, open_face, rest_mesh, monkeypatch
 ):
-    """The check draws the portrait as the animation will (its own appearance values); the pass from zero motion and
-    zero appearance values, from which the renderer draws lips meeting."""
+    """The check draws the portrait as the animation will (its own appearance values, at rest and under small
+    motions); the pass from zero motion and zero appearance values, from which the renderer draws lips meeting."""
     pipe = jaw_pipe
-    read_meshes(pipe, monkeypatch, open_face.landmarks, rest_mesh)
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, open_face.landmarks), rest_mesh)
     drawn, render = [], pipe.render
     monkeypatch.setattr(
         pipe, "render", lambda portrait, latents, **kw: drawn.append(latents) or render(portrait, latents, **kw)
@@ -357,21 +399,25 @@ def test_close_portrait_mouth_checks_the_lips_as_animated_and_closes_them_from_t
     own = pipe.encode_portrait(open_face).latent
     geometry = pipe.motion_encoder.config.landmark_components
     assert not own[:, :geometry].any() and own[:, geometry:].abs().sum() > 0  # at rest, with its own appearance
-    assert len(drawn) == 2 and torch.equal(drawn[0], own) and not drawn[1].any()
+    assert len(drawn) == 2 and torch.equal(drawn[0], pipe.rest_probes(pipe.encode_portrait(open_face)))
+    assert torch.equal(drawn[0][:1], own) and not drawn[1].any()
+
+
+def lips_apart(closed: np.ndarray, open_: np.ndarray, gap: float) -> np.ndarray:
+    """The mix of a closed and an open mesh whose inner-lip gap is `gap`."""
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        mix = (low + high) / 2
+        low, high = (mix, high) if mouth_aperture(closed + mix * (open_ - closed)) < gap else (low, mix)
+    return closed + low * (open_ - closed)
 
 
 def test_close_portrait_mouth_closes_lips_drawn_only_just_under_open(jaw_pipe, open_face, rest_mesh, monkeypatch):
     """Lips drawn at rest a little apart open past the threshold at the slightest motion while listening."""
     pipe = jaw_pipe
-    target = (DRAWN_CLOSED_APERTURE + OPEN_MOUTH_APERTURE) / 2
-    low, high = 0.0, 1.0  # the mix of the closed and the open mesh whose lips are that far apart
-    for _ in range(30):
-        mix = (low + high) / 2
-        gap = mouth_aperture(rest_mesh + mix * (open_face.landmarks - rest_mesh))
-        low, high = (mix, high) if gap < target else (low, mix)
-    ajar = rest_mesh + low * (open_face.landmarks - rest_mesh)
+    ajar = lips_apart(rest_mesh, open_face.landmarks, (DRAWN_CLOSED_APERTURE + OPEN_MOUTH_APERTURE) / 2)
     assert DRAWN_CLOSED_APERTURE < mouth_aperture(ajar) < OPEN_MOUTH_APERTURE
-    read_meshes(pipe, monkeypatch, ajar, rest_mesh)
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, ajar), rest_mesh)
     closed = pipe.close_portrait_mouth(open_face)
     assert np.array_equal(closed.landmarks, rest_mesh) and not np.array_equal(closed.image, open_face.image)
 
@@ -381,7 +427,7 @@ def test_close_portrait_mouth_leaves_the_portrait_when_the_renderer_closes_it_or
 ):
     pipe = jaw_pipe
     assert mouth_aperture(face.landmarks) < OPEN_MOUTH_APERTURE and pipe.close_portrait_mouth(face) is face
-    read_meshes(pipe, monkeypatch, face.landmarks)  # drawn at rest with the lips together
+    read_meshes(pipe, monkeypatch, *drawn_at_rest(pipe, face.landmarks))  # drawn at rest with the lips together
     assert pipe.close_portrait_mouth(open_face) is open_face
     read_meshes(pipe, monkeypatch)  # no face found: image and mesh stay together
     assert pipe.close_portrait_mouth(open_face) is open_face
