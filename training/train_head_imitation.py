@@ -559,9 +559,14 @@ class MultiScaleDiscriminator(nn.Module):
         return outputs
 
 
+def load_renderer(folder) -> dict:
+    """The renderer's components from a pipeline folder (`--init_from`, `--teacher`)."""
+    return {name: component_class(name).from_pretrained(folder, subfolder=name) for name in RENDERER}
+
+
 def build_renderer(args) -> dict:
     if args.init_from:
-        return {name: component_class(name).from_pretrained(args.init_from, subfolder=name) for name in RENDERER}
+        return load_renderer(args.init_from)
     components = {}
     for name in RENDERER:
         config = component_config(name, args.renderer)
@@ -767,8 +772,7 @@ def main(argv=None):
     renderer = Renderer(build_renderer(args))
     teacher = None
     if args.teacher_pair_prob > 0:
-        folder = args.teacher or args.init_from
-        teacher = Renderer({name: component_class(name).from_pretrained(folder, subfolder=name) for name in RENDERER})
+        teacher = Renderer(load_renderer(args.teacher or args.init_from))
         teacher.requires_grad_(False).eval().to(accelerator.device)
     person_prior = args.person_prior or renderer.flow_estimator.config.person_prior
     head_motion = args.head_motion or renderer.flow_estimator.config.head_motion

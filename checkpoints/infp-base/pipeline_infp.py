@@ -367,13 +367,9 @@ class INFPPipeline(DiffusionPipeline):
     def drawn_rest_aperture(self, encoding: PortraitEncoding) -> float | None:
         """The inner-lip gap MediaPipe reads on the portrait drawn at rest and under the `rest_probes`, without the
         warp lock: the median over the drawings where it finds a face; None where it finds none."""
-        gaps = []
-        for image in frames_to_uint8(self.render(encoding, self.rest_probes(encoding), warp_lock=False)):
-            try:
-                gaps.append(mouth_aperture(self.face_processor.landmarks(image)))
-            except NoFaceDetectedError:
-                continue
-        return float(np.median(gaps)) if gaps else None
+        drawings = frames_to_uint8(self.render(encoding, self.rest_probes(encoding), warp_lock=False))
+        _, meshes, _ = self.face_processor.track_landmarks(drawings)
+        return float(np.median(mouth_aperture(np.stack(meshes)))) if meshes else None
 
     @torch.no_grad()
     def close_portrait_mouth(self, face: FaceCrop, max_passes: int = 3) -> FaceCrop:
