@@ -185,6 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "it renders with the trained renderer's prior flow and warp lock, so give it the same person prior"
     )  # fmt: skip
     parser.add_argument("--teacher_weight", type=float, default=1.0)
+    parser.add_argument(
+        "--teacher_sources", choices=["frames+portraits", "frames"], default="frames+portraits",
+        help="faces the cross-identity pairs move: half of them portraits (when --portrait_pair_prob > 0) and the "
+        "rest training frames, or training frames only (the released renderer's teacher fine-tune)",
+    )  # fmt: skip
     parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -223,6 +228,7 @@ class HeadImitationDataset(Dataset):
         closing_pair_prob: float = 0.0,
         with_optical_flow: bool = False,
         teacher_pair_prob: float = 0.0,
+        teacher_from_portraits: bool = True,
     ):
         self.clips = [c for c in data.clips(kinds=kinds, splits=[split]) if c.num_frames >= 2]
         if not self.clips:
@@ -234,6 +240,7 @@ class HeadImitationDataset(Dataset):
         self.closing = closing_frames(self.clips) if closing_pair_prob > 0 else []
         self.closing_pair_prob = closing_pair_prob if self.closing else 0.0
         self.teacher_pair_prob = teacher_pair_prob
+        self.teacher_from_portraits = teacher_from_portraits
         self.size, self.resolution, self.seed, self.length = data.size, resolution, seed, length
         self.with_optical_flow = with_optical_flow
         cv2.setNumThreads(1)  # workers share the cores with the training process (spawned ones: one_opencv_thread)
@@ -296,11 +303,11 @@ class HeadImitationDataset(Dataset):
 
     def cross_identity_pair(self, rng) -> dict:
         """A face moved by another pair's motion, as the pipeline moves a portrait: half the time one of the portraits
-        (when portrait pairs are on), otherwise a training frame (half of those with the mouth wide open, when the
-        clips have such frames); the driver's eyes and lips in the hybrid, its mesh offsets applied to the face's
-        mesh; a quarter of the time held still (its own hybrid, no offsets), as a portrait is drawn at rest. No
-        target (nothing valid), but the moved mesh's lips (`lips`) for the teacher."""
-        if self.portraits and rng.random() < 0.5:
+        (when portrait pairs are on and `teacher_from_portraits`), otherwise a training frame (half of those with the
+        mouth wide open, when the clips have such frames); the driver's eyes and lips in the hybrid, its mesh offsets
+        applied to the face's mesh; a quarter of the time held still (its own hybrid, no offsets), as a portrait is
+        drawn at rest. No target (nothing valid), but the moved mesh's lips (`lips`) for the teacher."""
+        if self.teacher_from_portraits and self.portraits and rng.random() < 0.5:
             portrait = self.portraits[rng.integers(len(self.portraits))]
             source, lm_source = portrait.image(), np.array(portrait.landmarks)
         else:
@@ -767,7 +774,7 @@ def main(argv=None):
         data, args.kinds, "train", args.resolution, args.portrait_pair_prob, args.seed,
         length=args.max_train_steps * args.train_batch_size * accelerator.num_processes,
         closing_pair_prob=args.closing_pair_prob, with_optical_flow=args.optical_flow_weight > 0,
-        teacher_pair_prob=args.teacher_pair_prob,
+        teacher_pair_prob=args.teacher_pair_prob, teacher_from_portraits=args.teacher_sources == "frames+portraits",
     )  # fmt: skip
     renderer = Renderer(build_renderer(args))
     teacher = None

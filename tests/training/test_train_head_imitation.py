@@ -162,6 +162,14 @@ def test_cross_identity_pairs_have_no_target_but_the_lips_for_the_teacher(data_d
 
     with_portraits.portraits = [CountedPortrait()]
     assert all(with_portraits[i]["valid"].max() == 0 for i in range(20)) and 4 < len(drawn) < 16
+    # `--teacher_sources frames` (the released renderer's fine-tune) moves training frames only.
+    frames_only = HeadImitationDataset(
+        data, ["talking"], "train", resolution=64, portrait_pair_prob=0.2, seed=0, length=40, teacher_pair_prob=1.0,
+        teacher_from_portraits=False,
+    )  # fmt: skip
+    frames_only.portraits = [CountedPortrait()]
+    drawn.clear()
+    assert all(frames_only[i]["valid"].max() == 0 for i in range(20)) and not drawn
 
 
 def test_teacher_loss_is_zero_for_the_teacher_itself_and_without_cross_identity_pairs(data_dir, tmp_path):
@@ -278,7 +286,8 @@ def test_fine_tuning_with_a_frozen_motion_encoder_keeps_its_latents(data_dir, tm
     main(tiny_args(data_dir, tmp_path / "tuned", "--init_from", str(first), "--freeze", "motion_encoder",
                    "--learning_rate", "1e-2", "--max_train_steps", "2", "--optical_flow_weight", "1",
                    "--person_prior", "--head_motion", "rigid", "--warp_lock_margin", "0.1",
-                   "--teacher_pair_prob", "0.5", "--gan_start_step", "0", "--dataloader_num_workers", "1",
+                   "--teacher_pair_prob", "0.5", "--teacher_sources", "frames", "--gan_start_step", "0",
+                   "--dataloader_num_workers", "1",
                    "--resolution", "96"))  # fmt: skip
     before, after = INFPPipeline.from_pretrained(first), INFPPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
     # Images larger than the checkpoint's working size train it at that size: its working size stays.
