@@ -4,11 +4,15 @@
 
 Here (MediaPipe installed):
     python training/remote_gpu.py pack --data_dir prepared --out .carry/data --every 3
-Upload the repository with `.carry/` and the diffusers wheel; there:
-    export PYTHONPATH=$PWD/.carry/data/site
+Upload the repository with `.carry/` and the diffusers wheel; there, with the wheel installed to /tmp/site:
+    export PYTHONPATH=/tmp/site:$PWD/.carry/data/site:$PWD  # the package itself too: it is not installed there
     python training/remote_gpu.py unpack --packed .carry/data --out /tmp/prepared
     python training/remote_gpu.py train --time_budget 430 -- --data_dir /tmp/prepared --output_dir /tmp/head \\
         --config gpu --resolution 128 --init_from checkpoints/infp-base --freeze motion_encoder --person_prior ...
+    python training/remote_gpu.py states --output_dir /tmp/head --out <what comes back> \\
+        --components appearance_encoder flow_estimator
+Back here, each state the in-training validation scored, as a pipeline folder to evaluate:
+    python training/remote_gpu.py bundle --state checkpoint-1200.safetensors --base checkpoints/infp-base --out G1200
 
 pack: every N-th frame of each training clip (the first `--val_frames` kept frames of each val clip, for the
 validation grid) as an H.264 video at the renderer's working size (yuv444, crf 16: about 600 B a frame at 128²),
@@ -20,6 +24,8 @@ unpack: a prepared dataset again (256² JPEG frames, float32 meshes) with each c
 train: train_head_imitation.py, with person masks read from the unpacked dataset (warped by each pair's framing)
 instead of computed by MediaPipe, an optional time budget (the loop ends, then the script exports as usual), and
 the renderer's four components exported (fp16) instead of a whole pipeline, whose audio encoder needs librosa.
+states: every `checkpoint-N` of the run as one fp16 file of the components trained (4.6 MB for the appearance
+encoder and flow estimator), their configs in its metadata. bundle: a copy of a pipeline folder with those swapped in.
 """
 
 import argparse
@@ -286,6 +292,62 @@ def train(args) -> None:
     train_head_imitation.main(args.training_args)
 
 
+# Bring candidates back (there), and make pipelines of them (here) ------------------------------------------
+
+
+def states(args) -> None:
+    """Each `checkpoint-N` of a run as one small file `<out>/checkpoint-N.safetensors`: the named components'
+    weights in fp16 under `<component>.<parameter>`, with their configs (from the run's last export,
+    `<output_dir>/pipeline`) in the metadata. A short lease brings back every state the in-training validation
+    scored, not only the last, in a few MB each (frozen components left out)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, out = Path(args.output_dir), Path(args.out)
+    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise FileNotFoundError(f"{run} holds no checkpoint-N folder: give the training run's --output_dir.")
+    metadata = {}
+    for name in args.components:
+        config = run / "pipeline" / name / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} is missing: the run exports its components there at every checkpoint.")
+        metadata[name] = config.read_text()
+    out.mkdir(parents=True, exist_ok=True)
+    for checkpoint in checkpoints:
+        weights = load_file(checkpoint / "model.safetensors")
+        kept = {k: v.to(torch.float16) for k, v in weights.items() if k.split(".", 1)[0] in metadata}
+        save_file(kept, out / f"{checkpoint.name}.safetensors", metadata=metadata)
+        print(f"{out / checkpoint.name}.safetensors: {len(kept)} tensors of {', '.join(metadata)}")
+
+
+def bundle(args) -> None:
+    """A pipeline folder: `--base` with the components of a `states` file swapped in (fp16, their configs)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline_infp.presets import component_class
+
+    base, out = Path(args.base), Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose a new folder.")
+    with safe_open(args.state, "pt") as handle:
+        configs = {name: json.loads(text) for name, text in (handle.metadata() or {}).items() if name != "format"}
+    if not configs:
+        raise ValueError(f"{args.state} names no component in its metadata: write it with `remote_gpu.py states`.")
+    weights = load_file(args.state)
+    shutil.copytree(base, out)
+    for name, config in configs.items():
+        config.pop("_name_or_path", None)  # where the run loaded it from, a path of the GPU machine
+        component = component_class(name).from_config(config)
+        prefix = f"{name}."
+        component.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        shutil.rmtree(out / name, ignore_errors=True)
+        torch.nn.Module.to(component, dtype=torch.float16).save_pretrained(out / name, safe_serialization=True)
+    print(f"{out}: {base} with {', '.join(configs)} from {args.state}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +367,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     training = commands.add_parser("train", help="there: train_head_imitation.py on the unpacked dataset")
     training.add_argument("--time_budget", type=float, default=0, help="seconds; 0: train all steps")
     training.add_argument("training_args", nargs=argparse.REMAINDER, help="-- then train_head_imitation.py's")
+    saving = commands.add_parser("states", help="there: every checkpoint of a run as a small fp16 file")
+    saving.add_argument("--output_dir", required=True, help="the training run's --output_dir")
+    saving.add_argument("--out", required=True)
+    saving.add_argument("--components", nargs="+", default=list(train_head_imitation.RENDERER),
+                        choices=train_head_imitation.RENDERER, help="those trained (default: all four)")  # fmt: skip
+    bundling = commands.add_parser("bundle", help="here: a pipeline folder with a states file's components")
+    bundling.add_argument("--state", required=True, help="a file `states` wrote")
+    bundling.add_argument("--base", required=True, help="the pipeline folder to copy, e.g. checkpoints/infp-base")
+    bundling.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "train" and args.training_args[:1] == ["--"]:
         args.training_args = args.training_args[1:]
@@ -313,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    {"pack": pack, "unpack": unpack, "train": train}[args.command](args)
+    {"pack": pack, "unpack": unpack, "train": train, "states": states, "bundle": bundle}[args.command](args)
 
 
 if __name__ == "__mp_main__" and sys.argv[1:2] == ["train"]:  # a data loader worker `train` spawned: same patches

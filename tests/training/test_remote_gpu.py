@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from training.prepared import PreparedDataset
@@ -99,3 +100,41 @@ def test_a_time_budget_ends_training_early_and_still_exports(unpacked, tmp_path)
     steps = int(result.stderr.split("Done: ")[1].split(" steps")[0])
     assert steps < 100000
     assert (tmp_path / "renderer" / "face_decoder" / "config.json").is_file()
+
+
+def test_states_bring_back_every_checkpoint_and_bundle_swaps_one_into_a_pipeline_folder(unpacked, tmp_path):
+    run = tmp_path / "run"
+    result = run_training(unpacked, run, 0, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                          "--checkpoints_total_limit", "5", "--dataloader_num_workers", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    main(["states", "--output_dir", str(run), "--out", str(tmp_path / "states"), "--components", "appearance_encoder"])
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == [
+        "checkpoint-2.safetensors", "checkpoint-4.safetensors"
+    ]  # fmt: skip
+    state = tmp_path / "states" / "checkpoint-2.safetensors"
+    with safe_open(run / "checkpoint-2" / "model.safetensors", "pt") as trained, safe_open(state, "pt") as small:
+        assert sorted(small.keys()) == sorted(k for k in trained.keys() if k.startswith("appearance_encoder."))
+        for key in small.keys():
+            assert small.get_tensor(key).dtype == torch.float16
+            assert torch.equal(small.get_tensor(key), trained.get_tensor(key).half())
+        assert json.loads(small.metadata()["appearance_encoder"])["_class_name"] == "AppearanceEncoder"
+
+    # The run's last export (step 4) as the base: the bundle takes step 2's appearance encoder, the rest as it was.
+    base, bundled = run / "pipeline", tmp_path / "bundled"
+    main(["bundle", "--state", str(state), "--base", str(base), "--out", str(bundled)])
+    weights = "diffusion_pytorch_model.safetensors"
+
+    def same_as_state(folder: Path) -> bool:
+        with safe_open(folder / "appearance_encoder" / weights, "pt") as out, safe_open(state, "pt") as small:
+            return all(torch.equal(out.get_tensor(k), small.get_tensor(f"appearance_encoder.{k}")) for k in out.keys())
+
+    assert same_as_state(bundled) and not same_as_state(base)
+    for name in ("motion_encoder", "flow_estimator", "face_decoder"):
+        assert (bundled / name / weights).read_bytes() == (base / name / weights).read_bytes()
+    config = json.loads((bundled / "appearance_encoder" / "config.json").read_text())
+    assert "_name_or_path" not in config
+
+    with pytest.raises(FileExistsError, match="new folder"):
+        main(["bundle", "--state", str(state), "--base", str(base), "--out", str(bundled)])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        main(["states", "--output_dir", str(base), "--out", str(tmp_path / "none")])
