@@ -337,12 +337,14 @@ def bundle(args) -> None:
     if not configs:
         raise ValueError(f"{args.state} names no component in its metadata: write it with `remote_gpu.py states`.")
     weights = load_file(args.state)
-    shutil.copytree(base, out)
-    for name, config in configs.items():
+    components = {}
+    for name, config in configs.items():  # all loaded before anything is written: no half-made folder on an error
         config.pop("_name_or_path", None)  # where the run loaded it from, a path of the GPU machine
-        component = component_class(name).from_config(config)
+        components[name] = component_class(name).from_config(config)
         prefix = f"{name}."
-        component.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        components[name].load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    shutil.copytree(base, out)
+    for name, component in components.items():
         shutil.rmtree(out / name, ignore_errors=True)
         torch.nn.Module.to(component, dtype=torch.float16).save_pretrained(out / name, safe_serialization=True)
     print(f"{out}: {base} with {', '.join(configs)} from {args.state}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from training.prepared import PreparedDataset
 from training.remote_gpu import main, pack_meshes, unpack_meshes
@@ -134,6 +135,14 @@ def test_states_bring_back_every_checkpoint_and_bundle_swaps_one_into_a_pipeline
     config = json.loads((bundled / "appearance_encoder" / "config.json").read_text())
     assert "_name_or_path" not in config
 
+    # A state that does not fit its config fails before anything is written.
+    broken = tmp_path / "broken.safetensors"
+    with safe_open(state, "pt") as small:
+        tensors = {k: small.get_tensor(k) for k in list(small.keys())[1:]}
+        save_file(tensors, broken, metadata=small.metadata())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        main(["bundle", "--state", str(broken), "--base", str(base), "--out", str(tmp_path / "half")])
+    assert not (tmp_path / "half").exists()
     with pytest.raises(FileExistsError, match="new folder"):
         main(["bundle", "--state", str(state), "--base", str(base), "--out", str(bundled)])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
