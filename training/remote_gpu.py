@@ -304,7 +304,7 @@ def states(args) -> None:
     from safetensors.torch import load_file, save_file
 
     run, out = Path(args.output_dir), Path(args.out)
-    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = train_head_imitation.checkpoints(run)
     if not checkpoints:
         raise FileNotFoundError(f"{run} holds no checkpoint-N folder: give the training run's --output_dir.")
     metadata = {}
@@ -317,8 +317,9 @@ def states(args) -> None:
     for checkpoint in checkpoints:
         weights = load_file(checkpoint / "model.safetensors")
         kept = {k: v.to(torch.float16) for k, v in weights.items() if k.split(".", 1)[0] in metadata}
-        save_file(kept, out / f"{checkpoint.name}.safetensors", metadata=metadata)
-        print(f"{out / checkpoint.name}.safetensors: {len(kept)} tensors of {', '.join(metadata)}")
+        target = out / f"{checkpoint.name}.safetensors"
+        save_file(kept, target, metadata=metadata)
+        print(f"{target}: {len(kept)} tensors of {', '.join(metadata)}")
 
 
 def bundle(args) -> None:
