@@ -15,6 +15,11 @@ first frame as source, fixed 256² crop; SSIM overall and by region, PSNR), ever
   frame inside its face mesh and the band around it (hair, ears, neck: the evaluation's `face` and `around`
   regions), the prior elsewhere: what a renderer that got the whole head right, but knew no more than a face mesh
   tells about the torso and background, would reach by warping alone;
+* `part affine oracle`: the rigid person prior, except that each part of the person the face mesh does not cover
+  (hair and ears: the band around the mesh above the chin; neck: that band below it; torso: the rest of the person,
+  all where the real frame shows the person) moves by the one affine motion that best fits the optical flow there:
+  a renderer that knew how each of these parts moves as a whole (6 numbers a part a frame, none of them in a face
+  mesh) but not how it deforms;
 * `flow oracle on the person`: that optical flow wherever the real frame shows the person (MediaPipe selfie
   segmentation), the background held still: a renderer that got head, hair and torso right and, like every
   renderer here, keeps the portrait's background where it is;
@@ -52,6 +57,7 @@ METHODS = (
     "person prior warp",
     "rigid person prior warp",
     "flow oracle on the head",
+    "part affine oracle",
     "flow oracle on the person",
     "flow oracle",
 )
@@ -83,26 +89,51 @@ def background_motion(flow: np.ndarray, source_person: np.ndarray, driving_perso
     return float(np.median(np.linalg.norm(flow[background], axis=-1))) if background.any() else float("nan")
 
 
+def part_affine_flow(
+    prior: np.ndarray, oracle: np.ndarray, labels: np.ndarray, driving_person: np.ndarray, min_pixels: int = 30
+) -> np.ndarray:
+    """`prior` flow [S, S, 2] with each person part outside the face mesh moved by the least-squares affine fit
+    of the `oracle` flow [S, S, 2] over it. Parts (by `face_regions` `labels` [S, S] where `driving_person` [S, S]
+    reaches 0.5): the band around the mesh above its lowest row (hair, ears), that band below it (neck), and
+    the rest of the person further out (mostly torso). Parts under `min_pixels` keep the prior."""
+    size = labels.shape[0]
+    person = driving_person >= 0.5
+    face_rows = np.flatnonzero((labels == 0).any(axis=1))
+    below_chin = (np.arange(size) > (face_rows.max() if len(face_rows) else size))[:, None]
+    parts = [(labels == 1) & person & ~below_chin, (labels == 1) & person & below_chin, (labels == 2) & person]
+    ys, xs = np.mgrid[:size, :size]
+    flow = prior.astype(np.float32, copy=True)
+    for part in parts:
+        if part.sum() < min_pixels:
+            continue
+        positions = np.stack([xs[part], ys[part], np.ones(part.sum())], axis=1).astype(np.float64)
+        affine = np.linalg.lstsq(positions, oracle[part].astype(np.float64), rcond=None)[0]  # [3, 2]
+        flow[part] = positions @ affine
+    return flow
+
+
 def warps(
     source: np.ndarray, driving: np.ndarray, lm_source, lm_driving, person, driving_person, labels: np.ndarray
 ) -> tuple[dict, float]:
     """The warped rows for one driving frame: the priors (without and with the source's `person` mask, the latter
-    with either head motion), oracle on the head (`face_regions` labels 0 and 1), oracle on the person
+    with either head motion), oracle on the head (`face_regions` labels 0 and 1), the rigid person prior with one
+    affine per person part (`part_affine_flow`), oracle on the person
     (`driving_person` ≥ 0.5, zero flow elsewhere), oracle; and the frame's `background_motion`."""
     size = source.shape[0]
 
     def pixels(**kwargs) -> np.ndarray:
         return prior_flow(lm_source, lm_driving, size, **kwargs)[0].transpose(1, 2, 0) * size / 2
 
-    prior = pixels()
+    prior, rigid = pixels(), pixels(person_mask=person, head_motion="rigid")
     oracle = optical_flow(source, driving)
     on_head = np.where((labels <= 1)[..., None], oracle, prior)
     on_person = np.where((driving_person >= 0.5)[..., None], oracle, 0.0).astype(np.float32)
     rows = {
         "prior warp": warp(source, prior),
         "person prior warp": warp(source, pixels(person_mask=person)),
-        "rigid person prior warp": warp(source, pixels(person_mask=person, head_motion="rigid")),
+        "rigid person prior warp": warp(source, rigid),
         "flow oracle on the head": warp(source, on_head),
+        "part affine oracle": warp(source, part_affine_flow(rigid, oracle, labels, driving_person)),
         "flow oracle on the person": warp(source, on_person),
         "flow oracle": warp(source, oracle),
     }

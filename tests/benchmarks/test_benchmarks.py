@@ -80,6 +80,34 @@ def test_background_motion_is_the_median_flow_where_neither_frame_shows_the_pers
     assert np.isnan(ceiling.background_motion(flow, np.ones((8, 8), np.float32), driving_person))
 
 
+def test_part_affine_flow_moves_each_person_part_by_its_own_affine_and_keeps_the_prior_elsewhere():
+    ceiling = load("renderer_ceiling")
+    size = 32
+    labels = np.full((size, size), 2, np.uint8)  # torso/background
+    labels[4:20, 8:24] = 1  # the band around the face mesh
+    labels[8:14, 12:20] = 0  # the face mesh: lowest row 13, so band rows 14-19 are the neck
+    person = np.zeros((size, size), np.float32)
+    person[:, 6:26] = 1.0  # the person: a vertical strip; the rest is background
+    ys, xs = np.mgrid[:size, :size].astype(np.float32)
+    hair = np.stack([0.1 * xs + 1.0, -0.05 * ys], axis=-1)  # a different affine motion per part
+    neck = np.stack([np.full_like(xs, 2.0), 0.2 * xs - 1.0], axis=-1)
+    torso = np.stack([-0.1 * ys, np.full_like(xs, 0.5)], axis=-1)
+    parts = [((labels == 1) & (ys < 14), hair), ((labels == 1) & (ys >= 14), neck), (labels == 2, torso)]
+    oracle = np.full((size, size, 2), -3.0, np.float32)  # inside the face: a motion no part should take
+    for part, motion in parts:
+        oracle[part] = motion[part]
+    prior = np.full((size, size, 2), 7.0, np.float32)
+    flow = ceiling.part_affine_flow(prior, oracle, labels, person)
+    on_person = person >= 0.5
+    for part, motion in parts:
+        np.testing.assert_allclose(flow[part & on_person], motion[part & on_person], atol=1e-4)
+    kept = (labels == 0) | ~on_person  # the face and the background keep the prior
+    np.testing.assert_array_equal(flow[kept], prior[kept])
+    # A part too small to fit keeps the prior too.
+    few = ceiling.part_affine_flow(prior, oracle, labels, person, min_pixels=10_000)
+    np.testing.assert_array_equal(few, prior)
+
+
 def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_data, tmp_path):
     with open(shared_data / "manifest.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["id"] == "styletalk-feifeili-clip3"]  # a val clip
@@ -105,6 +133,10 @@ def test_renderer_ceiling_scores_the_oracles_on_the_evaluations_clips(shared_dat
     assert mean["person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)  # same inside
     assert mean["rigid person prior warp"]["ssim_face"] == pytest.approx(prior["ssim_face"], abs=0.01)
     assert mean["rigid person prior warp"] != mean["person prior warp"]
+    # One affine per person part, fitted to the real flow, improves on the rigid prior around the face, not inside.
+    parts, rigid = mean["part affine oracle"], mean["rigid person prior warp"]
+    assert parts["ssim_around"] > rigid["ssim_around"] and parts["ssim"] > rigid["ssim"]
+    assert parts["ssim_face"] == pytest.approx(rigid["ssim_face"], abs=0.01)
     # The person oracle takes the optical flow wherever the real frame shows the person: the face among it.
     assert mean["flow oracle on the person"]["ssim_face"] == pytest.approx(mean["flow oracle"]["ssim_face"], abs=0.01)
     # A still camera: about a pixel of optical-flow noise (the val clips that pan or follow the face: 5-12 px).
