@@ -25,6 +25,7 @@ from pipeline_infp.evaluate import (
     psnr,
     region_ssim,
     select_clips,
+    sharpness,
     spread,
     ssim,
     ssim_maps,
@@ -189,6 +190,18 @@ def test_psnr_and_l1():
     assert psnr(y / 255.0, x / 255.0) == pytest.approx(psnr(x, y), abs=1e-9)
 
 
+def test_sharpness_is_one_for_the_same_detail_and_falls_with_blur():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert sharpness(real, real) == pytest.approx([1.0, 1.0])
+    assert sharpness(real / 255.0, real / 255.0) == pytest.approx([1.0, 1.0])  # floats in [0, 1] alike
+    blurred = np.stack([cv2.GaussianBlur(x, (0, 0), 1.2) for x in real])
+    assert (sharpness(blurred, real) < 0.2).all() and (sharpness(real, blurred) > 5).all()
+    assert sharpness(real[::-1], real) == pytest.approx(sharpness(real, real[::-1]) ** -1)
+    flat = np.full((1, 32, 32, 3), 128, np.uint8)
+    assert np.isnan(sharpness(real[:1], flat)).all() and sharpness(flat, real[:1]) == pytest.approx([0.0])
+
+
 def test_pearson_is_zero_for_constant_series():
     t = np.arange(10.0)
     assert pearson(t, 2 * t + 1) == pytest.approx(1.0)
@@ -293,6 +306,8 @@ def test_evaluation_json_structure(evaluation):
     for method in ("static", "mesh warp", "prior warp", "renderer"):
         metrics = clip["methods"][method]
         assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 10 and 0 <= metrics["l1"] < 0.5
+        assert 0.05 < metrics["sharpness"] < 20 and len(clip["per_frame"][method]["sharpness"]) == 10
+        assert results["summary"][method]["sharpness"] == pytest.approx(metrics["sharpness"], abs=1e-5)
         assert len(clip["per_frame"][method]["ssim"]) == 10
         assert np.mean(clip["per_frame"][method]["psnr"]) == pytest.approx(metrics["psnr"], abs=1e-3)
         for region in REGIONS:  # every region is present in these frames
@@ -311,6 +326,7 @@ def test_evaluation_json_structure(evaluation):
         fd = results["summary"][method]
         assert 0 <= fd["fd_pose"] <= fd["fd"] + 1e-6 and 0 <= fd["fd_expression"] <= fd["fd"] + 1e-6
     assert "FD expr" in results["table"] and "pose = the first 6 features" in results["table"]
+    assert "sharpness" in results["table"]
 
     [pair] = results["cross_identity"]  # the blank portrait is skipped, not fatal
     assert [p["id"] for p in results["skipped"]["portraits"]] == ["blank"] and results["portraits"] == [PORTRAIT]
