@@ -562,10 +562,11 @@ def self_reenactment(
             labels = np.stack([face_regions(lm, args.size) for lm in landmarks])
             region_area += [np.bincount(lab.ravel(), minlength=len(REGIONS)) / lab.size for lab in labels]
             for method, frames in outputs.items():
+                frames = np.ascontiguousarray(frames)  # static's is a broadcast view: one copy for every metric
                 for key, values in frame_scores(frames, crops, labels).items():
                     per_frame[method][key] += values
-                per_frame[method]["l1"] += l1(np.ascontiguousarray(frames), crops).tolist()
-                per_frame[method]["sharpness"] += sharpness(np.ascontiguousarray(frames), crops).tolist()
+                per_frame[method]["l1"] += l1(frames, crops).tolist()
+                per_frame[method]["sharpness"] += sharpness(frames, crops).tolist()
         with timer("self: output landmarks"):
             measured = [k for k, position in enumerate(positions) if position % LMD_STRIDE == 0]
             lmd["frame_index"] += track.indices[positions[measured]].tolist()
